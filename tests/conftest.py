@@ -79,4 +79,28 @@ def tiny_llama_preset(tiny_llama_dir) -> EncoderPreset:
     source = ModelSource(str(tiny_llama_dir))
     return EncoderPreset("tiny-llama", "tiny-llama", query=source, passage=source, pooling="eos",
                          query_prefix="query: ", passage_prefix="passage: ", normalize=True,
-                         query_max_length=16, passage_max_length=32, attribution_thresholds=(0.01,))
+                         query_max_length=16, passage_max_length=32, attribution_kinds=("gate_proj", "down_proj"),
+                         attribution_thresholds=(0.01,))
+
+
+def write_probe_files(folder, num_train: int = 120, num_test: int = 40, seed: int = 0) -> tuple[str, str]:
+    """Local JSONL probe files of random word sequences in the probe-example columns."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    paths = []
+    for split, count in (("train", num_train), ("test", num_test)):
+        path = folder / f"{split}.jsonl"
+        with open(path, "w") as file:
+            for _ in range(count):
+                texts = [" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for _ in range(6)]
+                keys = ["question", "positive_context"] + [f"negative_context_{k}" for k in range(4)]
+                file.write(json.dumps(dict(zip(keys, texts))) + "\n")
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+@pytest.fixture
+def probe_files(tmp_path):
+    return write_probe_files(tmp_path)

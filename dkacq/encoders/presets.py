@@ -41,6 +41,8 @@ class EncoderPreset:
     """L2-normalise pooled vectors of every layer (the published code does so for EOS vectors)."""
     query_max_length: int = 128
     passage_max_length: int = 512
+    attribution_kinds: tuple[str, ...] = ("intermediate", "output")
+    """MLP sub-layers whose neurons are attributed (SPEC section 4)."""
     attribution_thresholds: tuple[float, ...] = (0.1, 0.2)
     attribution_precision: str = "32-true"
     """Trainer precision for attribution; the 7B models run in ``bf16-true`` as on the study's GPU."""
@@ -54,7 +56,8 @@ class EncoderPreset:
 
     def randomized(self, seed: int = 0) -> "EncoderPreset":
         """The same architecture with fresh weights: the control that says what training added."""
-        return replace(self, name=f"{self.name}-random", label=f"{self.label}-random", random_init=True, seed=seed)
+        suffix = "-random" if seed == 0 else f"-random-seed{seed}"
+        return replace(self, name=self.name + suffix, label=f"{self.label}-random", random_init=True, seed=seed)
 
 
 def _same(source: ModelSource, **kwargs) -> dict:
@@ -69,6 +72,7 @@ _LLAMA_EOS = dict(
     query_prefix="query: ",
     passage_prefix="passage: ",
     normalize=True,
+    attribution_kinds=("gate_proj", "down_proj"),
     attribution_thresholds=(0.01,),
     attribution_precision="bf16-true",
 )
@@ -100,9 +104,21 @@ PRESETS: dict[str, EncoderPreset] = {
 }
 
 
-def get_preset(name: str, random_init: bool = False, seed: int = 0) -> EncoderPreset:
-    """A preset by name; ``random_init`` gives its fresh-weight control."""
+def get_preset(
+    name: str, random_init: bool = False, seed: int = 0, model: str | None = None, pooling: Pooling | None = None
+) -> EncoderPreset:
+    """A preset by name, optionally with other weights or pooling.
+
+    ``model`` (a hub id or a folder, for both sides) probes other weights with the preset's settings,
+    e.g. a retriever of your own; it is named after its last path component. ``random_init`` gives
+    the fresh-weight control of whatever architecture results.
+    """
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
+    if model is not None:
+        own = model.rstrip("/").rsplit("/", 1)[-1]
+        preset = replace(preset, name=f"{name}@{own}", label=own, query=ModelSource(model), passage=ModelSource(model))
+    if pooling is not None and pooling != preset.pooling:
+        preset = replace(preset, name=f"{preset.name}-{pooling}", pooling=pooling)
     return preset.randomized(seed) if random_init else preset

@@ -1,0 +1,139 @@
+"""AttributionModule: integrated-gradients neuron scores of a text set, counted per threshold."""
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from safetensors.torch import save_file
+
+from dkacq.attribution.counting import ActiveNeuronCounts, counts_to_tensors
+from dkacq.attribution.ig import PathRule, neuron_scores
+from dkacq.attribution.targets import Target, find_targets
+from dkacq.data.text_datamodule import TextSide
+from dkacq.encoders.loading import load_encoders
+from dkacq.encoders.presets import PRESETS, EncoderPreset
+from dkacq.encoders.text_encoder import TextEncoder
+from dkacq.provenance import package_versions
+
+
+class AttributionModule(LightningModule):
+    """Scores every target neuron for each text and counts, per threshold, the texts it is active in.
+
+    Run it with ``Trainer.predict`` (``dkacq attribute``) and ``inference_mode=False``: the scores need
+    gradients. The counts are a torchmetrics state summed across devices; rank zero writes
+    ``counts.safetensors`` and ``summary.json`` into ``output_dir`` when the text set is done.
+    """
+
+    def __init__(
+        self,
+        encoder: EncoderPreset = PRESETS["minilm"],
+        text_side: TextSide = "query",
+        kinds: list[str] | None = None,
+        thresholds: list[float] | None = None,
+        alpha_rule: PathRule = "reference",
+        steps: int = 20,
+        max_length: int = 256,
+        replicas_per_pass: int | None = None,
+        output_dir: str | None = None,
+    ):
+        """
+        Args:
+            encoder: the encoder setting; ``--model NAME`` fills it from a preset (minilm, repllama, ...).
+            text_side: which encoder reads the texts: ``query`` or ``passage`` (set from the data).
+            kinds: MLP sub-layers whose output units are the neurons (BERT family: intermediate,
+                output; Llama: gate_proj, down_proj, up_proj); default: the preset's.
+            thresholds: a neuron is active in a text when its score over the text's largest score
+                exceeds the threshold; default: the preset's (0.1 and 0.2; 0.01 for Llama, as studied).
+            alpha_rule: ``reference`` (linspace(1e-6, 1, steps), as published) or ``riemann_right``
+                (k / steps, the textbook right Riemann sum, as Captum).
+            steps: points on the integration path (the study: 20).
+            max_length: token limit per text (the study: 256).
+            replicas_per_pass: cap on (text, module, alpha) replicas in one forward and backward pass,
+                to bound memory; all of a layer's at once when not given.
+            output_dir: where counts, summary and figures go; default
+                ``runs/attribution/<dataset>-<preset>-<text side>``.
+        """
+        super().__init__()
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        self.save_hyperparameters()
+        self.kinds = list(kinds or encoder.attribution_kinds)
+        self.thresholds = list(thresholds or encoder.attribution_thresholds)
+        for threshold in self.thresholds:
+            if not 0 < threshold < 1:
+                raise ValueError(f"thresholds must lie in (0, 1), got {threshold}")
+        self.text_encoder: TextEncoder | None = None
+        self.targets: list[Target] = []
+        self.counts: ActiveNeuronCounts | None = None
+
+    def configure_model(self) -> None:
+        if self.text_encoder is not None:
+            return
+        preset = self.hparams.encoder
+        dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
+        query, passage = load_encoders(preset, dtype=dtype)
+        self.text_encoder = query if self.hparams.text_side == "query" else passage
+        self.text_encoder.max_length = min(self.text_encoder.max_length, self.hparams.max_length)
+        self.targets = find_targets(self.text_encoder.transformer, self.kinds)
+        self.counts = ActiveNeuronCounts(self.targets, self.thresholds)
+
+    def predict_step(self, texts: list[str], batch_idx: int) -> None:
+        batch = {key: value.to(self.device) for key, value in self.text_encoder.tokenize(texts).items()}
+        with torch.enable_grad():
+            scores = neuron_scores(
+                self.text_encoder, batch, self.targets, self.hparams.alpha_rule, self.hparams.steps,
+                self.hparams.replicas_per_pass,
+            )
+        self.counts.update(scores)
+
+    @property
+    def output_path(self) -> Path:
+        if self.hparams.output_dir:
+            return Path(self.hparams.output_dir)
+        dataset = self.trainer.datamodule.hparams.dataset if self.trainer.datamodule else "texts"
+        return Path("runs/attribution") / f"{dataset}-{self.hparams.encoder.name}-{self.hparams.text_side}"
+
+    def on_predict_epoch_end(self) -> None:
+        counts = self.counts.compute()
+        if not self.trainer.is_global_zero:
+            return
+        folder = self.output_path
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / ".counts.safetensors.partial"
+        save_file(counts_to_tensors(counts), str(temporary))
+        summary = self.summary(counts)
+        (folder / ".summary.json.partial").write_text(json.dumps(summary, indent=2))
+        os.replace(temporary, folder / "counts.safetensors")
+        os.replace(folder / ".summary.json.partial", folder / "summary.json")
+
+    def summary(self, counts) -> dict:
+        """Everything needed to trace and reproduce the counts."""
+        preset, data = self.hparams.encoder, self.trainer.datamodule
+        data_hparams = dict(data.hparams) if data is not None else {}
+        kinds = {}
+        for target in self.targets:
+            entry = kinds.setdefault(target.kind, {"side": target.side, "num_layers": 0, "num_neurons": target.num_neurons})
+            entry["num_layers"] += 1
+        return {
+            "model": preset.label,
+            "preset": preset.name,
+            "encoder": asdict(preset),
+            "pooling": preset.pooling,
+            "dataset": data_hparams.get("dataset"),
+            "data": data_hparams,
+            "split": data_hparams.get("split"),
+            "text_side": self.hparams.text_side,
+            "alpha_rule": self.hparams.alpha_rule,
+            "steps": self.hparams.steps,
+            "thresholds": self.thresholds,
+            "kinds": kinds,
+            "num_texts": int(counts.num_texts),
+            "max_length": self.text_encoder.max_length,
+            "precision": str(self.trainer.precision),
+            "dtype": str(next(self.text_encoder.transformer.parameters()).dtype).removeprefix("torch."),
+            "devices": self.trainer.world_size,
+            "versions": package_versions(),
+        }

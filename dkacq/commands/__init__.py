@@ -1,0 +1,1 @@
+"""One module per ``dkacq`` command; each exposes ``run(args)``."""

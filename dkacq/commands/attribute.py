@@ -1,0 +1,86 @@
+"""``dkacq attribute``: integrated-gradients neuron attribution of a preset over a text set."""
+
+import json
+from dataclasses import asdict
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from dkacq.attribution.module import AttributionModule
+from dkacq.attribution.throughput import TextThroughputBar
+from dkacq.data.text_datamodule import TextDataModule
+from dkacq.encoders.presets import PRESETS, get_preset
+
+
+class DkacqTrainer(Trainer):
+    def attribute(self, model: AttributionModule, datamodule: TextDataModule | None = None) -> None:
+        """Integrated-gradients attribution of a preset's MLP neurons over a text set."""
+        self.predict(model, datamodule=datamodule, return_predictions=False)
+
+
+class AttributionCLI(LightningCLI):
+    """``dkacq attribute``: one predict pass over the texts, gradients on, counts written at the end."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"attribute": {"model", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.text_side", "model.text_side")
+        parser.add_lightning_class_args(TextThroughputBar, "progress_bar")
+
+    def after_attribute(self) -> None:
+        from dkacq.report.figures import plot_attribution_heatmaps
+
+        folder = self.model.output_path
+        if self.trainer.is_global_zero:
+            for threshold in self.model.thresholds:
+                plot_attribution_heatmaps(folder, folder / f"heatmap@{threshold:g}.png", threshold)
+            print(folder)
+
+
+def preset_config(name: str) -> dict:
+    """The configuration that ``--model NAME`` stands for: the preset's encoder, modules, thresholds
+    and precision, spelled out so that ``--print_config`` shows them."""
+    random_init = name.endswith("-random") and name.removesuffix("-random") in PRESETS
+    preset = get_preset(name.removesuffix("-random") if random_init else name, random_init)
+    return {
+        "model": {
+            "encoder": asdict(preset),
+            "kinds": list(preset.attribution_kinds),
+            "thresholds": list(preset.attribution_thresholds),
+        },
+        "trainer": {"precision": preset.attribution_precision},
+    }
+
+
+def expand_model_shorthand(args: list[str]) -> list[str]:
+    """Replace ``--model NAME`` (a preset, or ``NAME-random`` for its random-init control) by the
+    configuration it stands for; anything else after ``--model`` is left to the parser."""
+    expanded, position = [], 0
+    while position < len(args):
+        argument = args[position]
+        name = None
+        if argument == "--model" and position + 1 < len(args):
+            name, step = args[position + 1], 2
+        elif argument.startswith("--model="):
+            name, step = argument.removeprefix("--model="), 1
+        if name is not None and (name in PRESETS or name.removesuffix("-random") in PRESETS):
+            expanded += ["--config", json.dumps(preset_config(name))]
+            position += step
+        else:
+            expanded.append(argument)
+            position += 1
+    return expanded
+
+
+def run(args: list[str]) -> AttributionCLI:
+    return AttributionCLI(
+        AttributionModule,
+        TextDataModule,
+        trainer_class=DkacqTrainer,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"inference_mode": False, "logger": False},
+        args=expand_model_shorthand(args),
+    )

@@ -1,0 +1,405 @@
+"""The probe-example schema and the readers that turn every supported source into it (SPEC section 1).
+
+Every reader returns a ``datasets.DatasetDict`` with the splits ``train`` and ``test`` and the string
+columns ``EXAMPLE_COLUMNS``. Every problem with the input is a ``ProbeDataError`` whose message is one
+line naming the file (or hub split), the record (its index in file order) and the field.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any, Iterator, Literal, TextIO
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dkacq.data.sampling import sample_negatives
+
+EXAMPLE_COLUMNS = (
+    "question", "positive_context", "negative_context_0", "negative_context_1", "negative_context_2",
+    "negative_context_3",
+)
+ProbeFormat = Literal["demo", "dpr", "msmarco", "published", "local"]
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_FILES = {"train": DEMO_DIR / "train.jsonl.gz", "test": DEMO_DIR / "test.jsonl.gz"}
+MSMARCO_HUB_ID = "microsoft/ms_marco"
+MSMARCO_CONFIG = "v1.1"
+MSMARCO_SPLITS = {"train": "train", "test": "validation"}
+PUBLISHED_SPLITS = {"train": "train", "test": "dev"}
+
+_FEATURES = datasets.Features({column: datasets.Value("string") for column in EXAMPLE_COLUMNS})
+_JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
+_CHUNK_CHARS = 1 << 20
+_JSON_WHITESPACE = " \t\n\r"
+_CUT_OFF_SLACK = 16
+
+
+class ProbeDataError(ValueError):
+    """Bad probe input: a missing or malformed file, record or field. The message is one line."""
+
+
+def load_probe_set(
+    format: ProbeFormat = "demo",
+    train: str | None = None,
+    test: str | None = None,
+    hub_id: str | None = None,
+    seed: int = 42,
+) -> datasets.DatasetDict:
+    """Load a probe set as ``DatasetDict(train=..., test=...)`` with the columns ``EXAMPLE_COLUMNS``.
+
+    - ``demo``: the shipped offline set built from Python's documentation (docs/demo-data.md).
+    - ``dpr``: ``train`` and ``test`` are DPR retriever JSON files (optionally gzipped), e.g.
+      ``biencoder-nq-adv-hn-train.json`` and ``biencoder-nq-dev.json``.
+    - ``msmarco``: MS MARCO v1.1 rows, from local JSONL/Parquet files ``train`` and ``test`` or else
+      from the hub (``hub_id`` or ``microsoft/ms_marco``; test is its ``validation`` split).
+    - ``published``: the authors' preprocessed sets, from local files or from the hub (``hub_id``;
+      test is its ``dev`` split).
+    - ``local``: JSONL/Parquet files already in ``EXAMPLE_COLUMNS``, every value a non-empty string.
+
+    For ``dpr`` and ``msmarco`` the negatives are sampled with one ``random.Random(seed)`` stream
+    through the train and then the test source, as the published sets were made.
+    """
+    if format == "demo":
+        return _table_set(DEMO_FILES["train"], DEMO_FILES["test"], allow_empty=False)
+    if format == "local":
+        _require_files(format, train, test, "JSONL or Parquet files in EXAMPLE_COLUMNS")
+        return _table_set(train, test, allow_empty=False)
+    if format == "published":
+        return _published_set(train, test, hub_id)
+    if format == "dpr":
+        _require_files(format, train, test, "DPR retriever JSON files")
+        rng = random.Random(seed)
+        return datasets.DatasetDict({"train": _dpr_split(train, rng), "test": _dpr_split(test, rng)})
+    if format == "msmarco":
+        return _msmarco_set(train, test, hub_id, seed)
+    raise ProbeDataError(f"unknown probe format {format!r}; expected one of demo, dpr, msmarco, published, local")
+
+
+def _published_set(train: str | None, test: str | None, hub_id: str | None) -> datasets.DatasetDict:
+    if train is not None or test is not None:
+        _require_files("published", train, test, "JSONL or Parquet files of the published sets")
+        return _table_set(train, test, allow_empty=True)
+    if hub_id is None:
+        raise ProbeDataError(
+            "format 'published' needs hub_id= (e.g. wshuai190/nq-hard-negative-dpr-sampled-seed-42-sample-4) "
+            "or train= and test= files"
+        )
+    return datasets.DatasetDict({
+        split: _checked(_load_hub(hub_id, None, hub_split), f"{hub_id}[{hub_split}]", allow_empty=True)
+        for split, hub_split in PUBLISHED_SPLITS.items()
+    })
+
+
+def _msmarco_set(train: str | None, test: str | None, hub_id: str | None, seed: int) -> datasets.DatasetDict:
+    if train is not None or test is not None:
+        _require_files("msmarco", train, test, "JSONL or Parquet files of MS MARCO v1.1 rows")
+        sources = {split: (_read_table(path), Path(path).name) for split, path in (("train", train), ("test", test))}
+    else:
+        repo = hub_id or MSMARCO_HUB_ID
+        sources = {
+            split: (_load_hub(repo, MSMARCO_CONFIG, hub_split), f"{repo}[{hub_split}]")
+            for split, hub_split in MSMARCO_SPLITS.items()
+        }
+    rng = random.Random(seed)
+    return datasets.DatasetDict({split: _msmarco_split(rows, name, rng) for split, (rows, name) in sources.items()})
+
+
+def _require_files(format: str, train: str | None, test: str | None, what: str) -> None:
+    if train is None or test is None:
+        raise ProbeDataError(f"format {format!r} needs both train= and test= ({what})")
+
+
+class _ExampleColumns:
+    """Examples gathered column by column, then turned into one ``datasets.Dataset``."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list[str]] = {column: [] for column in EXAMPLE_COLUMNS}
+
+    def add(self, question: str, positive: str, negatives: list[str]) -> None:
+        for column, value in zip(EXAMPLE_COLUMNS, (question, positive, *negatives), strict=True):
+            self.columns[column].append(value)
+
+    def dataset(self, name: str) -> datasets.Dataset:
+        if not self.columns["question"]:
+            raise ProbeDataError(f"{name}: gives no examples (no record has both a positive and a negative)")
+        return datasets.Dataset.from_dict(self.columns, features=_FEATURES)
+
+
+# --- DPR retriever JSON ---------------------------------------------------------------------------
+
+
+def _dpr_split(path: str | os.PathLike, rng: random.Random) -> datasets.Dataset:
+    """Examples of one DPR retriever file: one per positive ctx, negatives from ``hard_negative_ctxs``.
+
+    The file is read record by record (the NQ train file is several GB), so only the examples are
+    held in memory. A record whose ``hard_negative_ctxs`` is empty gives no example and draws nothing.
+    """
+    path = Path(path)
+    name = path.name
+    examples = _ExampleColumns()
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        stream = opener(path, "rt", encoding="utf-8")
+    except OSError as error:
+        raise ProbeDataError(f"{name}: cannot be opened ({error.strerror or error})") from error
+    with stream:
+        for index, record in enumerate(_JsonListReader(stream, name)):
+            if not isinstance(record, dict):
+                raise ProbeDataError(f"{name}: record {index} is not a JSON object")
+            question = _string(record.get("question"), name, index, "question")
+            negatives = _ctx_texts(record, "hard_negative_ctxs", name, index)
+            for positive in _ctx_texts(record, "positive_ctxs", name, index):
+                sampled = sample_negatives(negatives, rng)
+                if sampled is not None:
+                    examples.add(question, positive, sampled)
+    return examples.dataset(name)
+
+
+def _ctx_texts(record: dict, field: str, name: str, index: int) -> list[str]:
+    """The passage texts of a record's list of DPR ctxs: ``title + " " + text``, as the published
+    sets have them (not stripped, so an empty title leaves a leading space)."""
+    texts = []
+    for j, ctx in enumerate(_sequence(record.get(field), name, index, field)):
+        if not isinstance(ctx, dict):
+            raise ProbeDataError(f"{name}: record {index} field '{field}[{j}]' is not a JSON object")
+        title = _string(ctx.get("title"), name, index, f"{field}[{j}].title")
+        text = _string(ctx.get("text"), name, index, f"{field}[{j}].text")
+        texts.append(title + " " + text)
+    return texts
+
+
+def _string(value: Any, name: str, index: int, field: str) -> str:
+    if value is None:
+        raise ProbeDataError(f"{name}: record {index} has no field {field!r}")
+    if not isinstance(value, str):
+        raise ProbeDataError(f"{name}: record {index} field {field!r} is not a string")
+    return value
+
+
+def _sequence(value: Any, name: str, index: int, field: str) -> list:
+    if value is None:
+        raise ProbeDataError(f"{name}: record {index} has no field {field!r}")
+    if not isinstance(value, list):
+        raise ProbeDataError(f"{name}: record {index} field {field!r} is not a list")
+    return value
+
+
+class _JsonListReader:
+    """The elements of a file holding one JSON list, decoded one at a time.
+
+    Whole elements are decoded with the stdlib decoder (``raw_decode``) from a growing text buffer,
+    so memory holds one element, not the file. Syntax errors report line and column in the file, as
+    ``json.load`` would.
+    """
+
+    def __init__(self, stream: TextIO, name: str) -> None:
+        self._stream = stream
+        self._name = name
+        self._decoder = json.JSONDecoder()
+        self._buffer = ""
+        self._pos = 0
+        self._line = 1
+        self._column = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        first = self._next_char()
+        if first != "[":
+            if first:
+                raise ProbeDataError(f"{self._name}: not a JSON list of records (it starts with {first!r})")
+            raise self._error("Expecting value")
+        self._pos += 1
+        if self._next_char() == "]":
+            self._pos += 1
+        else:
+            while True:
+                yield self._value()
+                char = self._next_char()
+                if char == "]":
+                    self._pos += 1
+                    break
+                if char != ",":
+                    raise self._error("Expecting ',' delimiter")
+                self._pos += 1
+        if self._next_char():
+            raise self._error("Extra data")
+
+    def _next_char(self) -> str:
+        """Skip whitespace and return the next character, or "" at the end of the file."""
+        while True:
+            while self._pos < len(self._buffer) and self._buffer[self._pos] in _JSON_WHITESPACE:
+                self._pos += 1
+            if self._pos < len(self._buffer) or not self._fill():
+                return self._buffer[self._pos : self._pos + 1]
+
+    def _value(self) -> Any:
+        self._next_char()
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self._buffer, self._pos)
+            except json.JSONDecodeError as error:
+                if _maybe_cut_off(error, len(self._buffer)) and self._fill():
+                    continue
+                raise self._error(error.msg, error.pos) from None
+            if end < len(self._buffer) or not self._fill():
+                self._pos = end
+                return value
+
+    def _fill(self) -> bool:
+        """Drop the text before the current position and append the next chunk (False at the end)."""
+        try:
+            chunk = self._stream.read(_CHUNK_CHARS)
+        except (OSError, EOFError, UnicodeDecodeError) as error:
+            raise ProbeDataError(f"{self._name}: cannot be read ({_one_line(error)})") from error
+        if not chunk:
+            return False
+        newlines = self._buffer.count("\n", 0, self._pos)
+        if newlines:
+            self._line += newlines
+            self._column = self._pos - self._buffer.rfind("\n", 0, self._pos) - 1
+        else:
+            self._column += self._pos
+        self._buffer = self._buffer[self._pos :] + chunk
+        self._pos = 0
+        return True
+
+    def _error(self, message: str, pos: int | None = None) -> ProbeDataError:
+        pos = self._pos if pos is None else pos
+        newlines = self._buffer.count("\n", 0, pos)
+        if newlines:
+            line, column = self._line + newlines, pos - self._buffer.rfind("\n", 0, pos)
+        else:
+            line, column = self._line, self._column + pos + 1
+        return ProbeDataError(f"{self._name}: not valid JSON (line {line}, column {column}): {message}")
+
+
+def _maybe_cut_off(error: json.JSONDecodeError, buffered: int) -> bool:
+    """Whether a decode error may only mean that the element goes on past the buffered text.
+
+    Such errors sit at the end of the buffer, or are a string still open there; any other error is
+    in the file itself and is reported at once instead of after reading the rest of the file.
+    """
+    return error.pos >= buffered - _CUT_OFF_SLACK or error.msg.startswith("Unterminated string")
+
+
+# --- MS MARCO v1.1 rows ---------------------------------------------------------------------------
+
+
+def _msmarco_split(rows: datasets.Dataset, name: str, rng: random.Random) -> datasets.Dataset:
+    """Examples of MS MARCO rows: one per selected passage, negatives = the query's other passages."""
+    for field in ("query", "passages"):
+        if field not in rows.column_names:
+            raise ProbeDataError(f"{name}: record 0 has no field {field!r}")
+    examples = _ExampleColumns()
+    index = 0
+    for batch in rows.select_columns(["query", "passages"]).iter(batch_size=1024):
+        for query, passages in zip(batch["query"], batch["passages"], strict=True):
+            query = _string(query, name, index, "query")
+            if not isinstance(passages, dict):
+                raise ProbeDataError(f"{name}: record {index} has no field 'passages'")
+            flags = _sequence(passages.get("is_selected"), name, index, "passages.is_selected")
+            texts = _sequence(passages.get("passage_text"), name, index, "passages.passage_text")
+            if len(flags) != len(texts):
+                raise ProbeDataError(
+                    f"{name}: record {index} field 'passages.is_selected' has {len(flags)} entries "
+                    f"but 'passages.passage_text' has {len(texts)}"
+                )
+            for j, text in enumerate(texts):
+                _string(text, name, index, f"passages.passage_text[{j}]")
+            negatives = [text for flag, text in zip(flags, texts) if flag != 1]
+            for positive in (text for flag, text in zip(flags, texts) if flag == 1):
+                sampled = sample_negatives(negatives, rng)
+                if sampled is not None:
+                    examples.add(query, positive, sampled)
+            index += 1
+    return examples.dataset(name)
+
+
+# --- tables already in EXAMPLE_COLUMNS ------------------------------------------------------------
+
+
+def _table_set(train: str | os.PathLike, test: str | os.PathLike, allow_empty: bool) -> datasets.DatasetDict:
+    return datasets.DatasetDict({
+        split: _checked(_read_table(path), Path(path).name, allow_empty)
+        for split, path in (("train", train), ("test", test))
+    })
+
+
+def _read_table(path: str | os.PathLike) -> datasets.Dataset:
+    """A local JSONL (optionally gzipped) or Parquet file as a ``datasets.Dataset``."""
+    path = Path(path)
+    name = path.name
+    if not path.is_file():
+        raise ProbeDataError(f"{name}: no such file ({path})")
+    if path.stat().st_size == 0:
+        raise ProbeDataError(f"{name}: holds no records")
+    if name.endswith(".parquet"):
+        builder, kind = "parquet", "Parquet"
+    elif name.endswith(_JSON_SUFFIXES):
+        builder, kind = "json", "JSON lines"
+    else:
+        raise ProbeDataError(f"{name}: unknown file type (expected .jsonl, .json, .jsonl.gz or .parquet)")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:
+        raise ProbeDataError(f"{name}: cannot be read as {kind} ({_one_line(error)})") from error
+
+
+def _checked(table: datasets.Dataset, name: str, allow_empty: bool) -> datasets.Dataset:
+    """``table`` reduced to ``EXAMPLE_COLUMNS`` after every value was checked to be a string.
+
+    ``allow_empty`` lets empty strings through: the published sets are taken as their authors made
+    them, while local sets must have text in every field.
+    """
+    if table.num_rows == 0:
+        raise ProbeDataError(f"{name}: holds no records")
+    for column in EXAMPLE_COLUMNS:
+        if column not in table.column_names:
+            raise ProbeDataError(f"{name}: record 0 has no field {column!r}")
+        values = table.data.column(column)
+        if pa.types.is_null(values.type):
+            raise ProbeDataError(f"{name}: record 0 has no field {column!r}")
+        if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type)):
+            index = _first(pc.is_valid(values))
+            raise ProbeDataError(f"{name}: record {index} field {column!r} is not a string ({values.type})")
+        missing = _first(pc.is_null(values))
+        if missing >= 0:
+            raise ProbeDataError(f"{name}: record {missing} has no field {column!r}")
+        if not allow_empty:
+            empty = _first(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
+            if empty >= 0:
+                raise ProbeDataError(f"{name}: record {empty} field {column!r} is empty")
+    table = table.select_columns(list(EXAMPLE_COLUMNS))
+    return table if table.features == _FEATURES else table.cast(_FEATURES)
+
+
+def _first(mask: pa.ChunkedArray) -> int:
+    """Index of the first true entry of a boolean column, or -1."""
+    return pc.index(mask, True).as_py()
+
+
+# --- the hub --------------------------------------------------------------------------------------
+
+
+def _load_hub(hub_id: str, config: str | None, split: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as error:
+        raise ProbeDataError(
+            f"cannot load {hub_id} (split {split!r}) from the Hugging Face hub ({_one_line(error)}); "
+            "connect to the network, or set HF_HOME to a cache that already holds it, "
+            "or pass local files as train= and test="
+        ) from error
+
+
+def _one_line(error: BaseException) -> str:
+    """The innermost cause of ``error`` as one short line."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

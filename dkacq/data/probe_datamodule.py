@@ -1,0 +1,258 @@
+"""ProbeDataModule: the probe set and its embedding cache, one layer at a time, as N-passage batches."""
+
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from dkacq.data.examples import ProbeFormat
+from dkacq.data.sampling import draw_passage_orders
+from dkacq.data.storage import stored_probe_set
+from dkacq.encoders.cache import EmbeddingCache, open_cache
+from dkacq.encoders.pooling import Pooling
+from dkacq.encoders.presets import EncoderPreset, get_preset
+
+CACHE_FORMAT = 1
+
+
+class ProbeExamples(Dataset):
+    """One split's examples over one layer's vectors.
+
+    Without fixed ``columns`` every fetch draws a fresh subset and order of the negatives from the
+    dataset's own seeded generator, so training sees new draws every epoch, reproducibly.
+    """
+
+    def __init__(
+        self,
+        queries: Tensor,
+        passages: Tensor,
+        query_rows: Tensor,
+        passage_rows: Tensor,
+        num_passages: int,
+        fixed_seed: int | None = None,
+        redraw_seed: int = 0,
+    ):
+        self.queries, self.passages = queries, passages
+        self.query_rows, self.passage_rows = query_rows, passage_rows
+        self.num_passages = num_passages
+        self.generator = torch.Generator().manual_seed(redraw_seed)
+        self.columns = self.labels = None
+        if fixed_seed is not None:
+            generator = torch.Generator().manual_seed(fixed_seed)
+            self.columns, self.labels = draw_passage_orders(len(query_rows), num_passages, generator)
+
+    def __len__(self) -> int:
+        return len(self.query_rows)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        if self.columns is None:
+            columns, labels = draw_passage_orders(len(index), self.num_passages, self.generator)
+        else:
+            columns, labels = self.columns[index], self.labels[index]
+        rows = self.passage_rows[index].gather(1, columns)
+        return {
+            "query": self.queries[self.query_rows[index]],
+            "passages": self.passages[rows],
+            "label": labels,
+            "index": index,
+        }
+
+
+def _whole_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    return batch
+
+
+def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtype: str) -> dict:
+    """Everything that decides the numbers in an embedding cache."""
+    return {
+        "cache_format": CACHE_FORMAT,
+        "query_model": vars(preset.query),
+        "passage_model": vars(preset.passage),
+        "pooling": preset.pooling,
+        "query_prefix": preset.query_prefix,
+        "passage_prefix": preset.passage_prefix,
+        "query_max_length": preset.query_max_length,
+        "passage_max_length": preset.passage_max_length,
+        "normalize": preset.normalize,
+        "random_init": preset.random_init,
+        "init_seed": preset.seed,
+        "storage_dtype": storage_dtype,
+        "data_fingerprint": data_fingerprint,
+    }
+
+
+class ProbeDataModule(LightningDataModule):
+    """Probe examples over one layer of an encoder's cached vectors.
+
+    ``prepare_data`` builds the probe set (stored with ``datasets``) and the embedding cache when they
+    are missing; ``setup`` opens the one layer in :attr:`layer` and nothing else.
+    """
+
+    def __init__(
+        self,
+        encoder: str = "minilm",
+        model: str | None = None,
+        random_init: bool = False,
+        init_seed: int = 0,
+        pooling: Pooling | None = None,
+        dataset: str = "demo",
+        source: ProbeFormat = "demo",
+        train_file: str | None = None,
+        test_file: str | None = None,
+        hub_id: str | None = None,
+        num_passages: int = 5,
+        layers: list[int] | None = None,
+        batch_size: int = 32768,
+        val_fraction: float = 0.01,
+        seed: int = 42,
+        standardize: bool = False,
+        cache_dir: str = ".cache/dkacq",
+        cache_name: str | None = None,
+        cache_dtype: str = "float32",
+        extraction_batch_size: int = 64,
+        extraction_precision: str | None = None,
+    ):
+        """
+        Args:
+            encoder: preset name (``dkacq.encoders.presets.PRESETS``): bert-cls, dpr-query, dpr-passage,
+                dpr-paired, bert-mean, contriever, llama, repllama, or the offline minilm, smollm.
+            model: other weights (hub id or folder) probed with the preset's settings, e.g. your own
+                fine-tuned retriever.
+            random_init: probe the preset's architecture with fresh weights (the untrained control).
+            init_seed: seed of those fresh weights.
+            pooling: override the preset's pooling (cls, mean, eos, or eos_reference: the published
+                code's read of the last padded position, only to reproduce its numbers).
+            dataset: the data set's name in results tables (nq, msmarco, demo, ...).
+            source: demo (shipped), dpr (DPR retriever JSON), msmarco (v1.1 rows), published (the study's
+                preprocessed sets) or local (JSONL/Parquet in the probe-example columns).
+            train_file: the train split's file (dpr, msmarco, published, local).
+            test_file: the test split's file; for NQ the DPR dev file, as in the study.
+            hub_id: a Hugging Face data set id for msmarco or published.
+            num_passages: N, passages per example: the positive and N - 1 of its 4 negatives (2..5).
+            layers: hidden states to probe, 0 being the embedding output; all of them when not given.
+            batch_size: examples per optimizer step (the study: 32,768).
+            val_fraction: share of the train split held out for choosing the best epoch (the study: 0.01).
+            seed: seed of the train/validation split and of the validation and test passage draws, which
+                are therefore the same for every model.
+            standardize: scale every dimension of the query and passage vectors to zero mean and unit
+                variance, with statistics of the training examples.
+            cache_dir: folder of probe sets and embedding caches.
+            cache_name: folder name of this encoder's cache within ``cache_dir/dataset`` (default: the
+                preset's name, with the model, pooling and random-init seed it was given); a cache
+                built with other settings is never reused: it is an error.
+            cache_dtype: float32, float16 or bfloat16 storage of cached vectors.
+            extraction_batch_size: texts per forward pass while caching.
+            extraction_precision: Lightning precision while caching; bf16-true on a GPU by default.
+        """
+        super().__init__()
+        if not 2 <= num_passages <= 5:
+            raise ValueError(f"num_passages must be between 2 and 5 (1 positive + up to 4 negatives), got {num_passages}")
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.save_hyperparameters()
+        self.preset = get_preset(encoder, random_init, init_seed, model, pooling)
+        self.folder = Path(cache_dir) / dataset
+        self.layer: int | None = layers[0] if layers and len(layers) == 1 else None
+        self.cache: EmbeddingCache | None = None
+
+    @property
+    def probe_set_folder(self) -> Path:
+        return self.folder / "probe_set"
+
+    @property
+    def embeddings_folder(self) -> Path:
+        return self.folder / (self.hparams.cache_name or self.preset.name)
+
+    def load_probe_set(self) -> tuple[DatasetDict, str]:
+        hparams = self.hparams
+        return stored_probe_set(self.probe_set_folder, hparams.source, hparams.train_file, hparams.test_file, hparams.hub_id)
+
+    def _request(self, data_fingerprint: str) -> dict:
+        return embedding_request(self.preset, data_fingerprint, self.hparams.cache_dtype)
+
+    def prepare_data(self) -> None:
+        probe_set, data_fingerprint = self.load_probe_set()
+        if open_cache(self.embeddings_folder, self._request(data_fingerprint)) is not None:
+            return
+        from dkacq.encoders.extraction import build_cache
+        from dkacq.encoders.loading import load_encoders
+
+        query_encoder, passage_encoder = load_encoders(self.preset)
+        build_cache(
+            self.embeddings_folder,
+            self._request(data_fingerprint),
+            query_encoder,
+            passage_encoder,
+            probe_set,
+            self.hparams.extraction_batch_size,
+            self.hparams.extraction_precision,
+            self.hparams.cache_dtype,
+        )
+
+    def open(self) -> EmbeddingCache:
+        """The prepared cache (``prepare_data`` must have run)."""
+        if self.cache is None:
+            _, data_fingerprint = self.load_probe_set()
+            self.cache = open_cache(self.embeddings_folder, self._request(data_fingerprint))
+            if self.cache is None:
+                raise FileNotFoundError(f"{self.embeddings_folder}: no embedding cache; run prepare_data first")
+        return self.cache
+
+    @property
+    def hidden_size(self) -> int:
+        return self.open().hidden_size
+
+    def probed_layers(self) -> list[int]:
+        layers = self.hparams.layers or list(range(self.open().num_hidden_states))
+        for layer in layers:
+            if not 0 <= layer < self.open().num_hidden_states:
+                raise ValueError(f"layer {layer} outside 0..{self.open().num_hidden_states - 1} of {self.preset.name}")
+        return layers
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(dataset) for name, dataset in self.datasets.items()}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.layer is None:
+            raise ValueError("ProbeDataModule.layer is not set: choose the hidden state to probe")
+        cache = self.open()
+        queries, passages = cache.layer(self.layer)
+        train_query, train_passages = cache.index("train")
+        test_query, test_passages = cache.index("test")
+        order = torch.randperm(len(train_query), generator=torch.Generator().manual_seed(self.hparams.seed))
+        num_val = max(1, round(self.hparams.val_fraction * len(order)))
+        val_rows, train_rows = order[:num_val], order[num_val:]
+        if self.hparams.standardize:
+            queries, passages = self._standardize(queries, passages, train_query[train_rows], train_passages[train_rows])
+        seed, n = self.hparams.seed, self.hparams.num_passages
+        self.datasets = {
+            "train": ProbeExamples(queries, passages, train_query[train_rows], train_passages[train_rows], n, redraw_seed=seed),
+            "val": ProbeExamples(queries, passages, train_query[val_rows], train_passages[val_rows], n, fixed_seed=seed + 1),
+            "test": ProbeExamples(queries, passages, test_query, test_passages, n, fixed_seed=seed),
+        }
+
+    @staticmethod
+    def _standardize(queries: Tensor, passages: Tensor, query_rows: Tensor, passage_rows: Tensor) -> tuple[Tensor, Tensor]:
+        def scale(vectors: Tensor, rows: Tensor) -> Tensor:
+            fitted = vectors[rows.unique()]
+            return (vectors - fitted.mean(0)) / fitted.std(0).clamp_min(1e-6)
+
+        return scale(queries, query_rows), scale(passages, passage_rows)
+
+    def _loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=self.hparams.batch_size, shuffle=split == "train", collate_fn=_whole_batch
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

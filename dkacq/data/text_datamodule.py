@@ -1,0 +1,72 @@
+"""TextDataModule: the distinct questions or positive passages of a probe set's split, for attribution."""
+
+from pathlib import Path
+from typing import Literal
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from dkacq.data.examples import ProbeFormat
+from dkacq.data.storage import stored_probe_set
+
+TextSide = Literal["query", "passage"]
+
+
+def _texts_as_list(texts: list[str]) -> list[str]:
+    return texts
+
+
+class TextDataModule(LightningDataModule):
+    """Each distinct text of one side of a split once, in file order, as batches of strings."""
+
+    def __init__(
+        self,
+        dataset: str = "demo",
+        source: ProbeFormat = "demo",
+        train_file: str | None = None,
+        test_file: str | None = None,
+        hub_id: str | None = None,
+        split: Literal["train", "test"] = "test",
+        text_side: TextSide = "query",
+        max_examples: int | None = 1000,
+        batch_size: int = 8,
+        cache_dir: str = ".cache/dkacq",
+    ):
+        """
+        Args:
+            dataset: the data set's name in outputs (nq, msmarco, demo, ...).
+            source: demo, dpr, msmarco, published or local, as for probing.
+            train_file: the train split's file, where the source needs one.
+            test_file: the test split's file.
+            hub_id: a Hugging Face data set id for msmarco or published.
+            split: the split whose texts are attributed (the study: test).
+            text_side: ``query`` (questions, for a query encoder) or ``passage`` (positive passages).
+            max_examples: stop after this many distinct texts (the study: 1,000); all when not given.
+            batch_size: texts per batch; each text is replicated once per alpha step and target layer
+                group, so memory grows with batch_size x steps x tokens.
+            cache_dir: folder of stored probe sets, shared with probing.
+        """
+        super().__init__()
+        if max_examples is not None and max_examples < 1:
+            raise ValueError(f"max_examples must be at least 1, got {max_examples}")
+        self.save_hyperparameters()
+        self.texts: list[str] = []
+
+    def prepare_data(self) -> None:
+        self._probe_set()
+
+    def _probe_set(self):
+        hparams = self.hparams
+        folder = Path(hparams.cache_dir) / hparams.dataset / "probe_set"
+        return stored_probe_set(folder, hparams.source, hparams.train_file, hparams.test_file, hparams.hub_id)
+
+    def setup(self, stage: str | None = None) -> None:
+        probe_set, _ = self._probe_set()
+        column = "question" if self.hparams.text_side == "query" else "positive_context"
+        texts = list(dict.fromkeys(probe_set[self.hparams.split][column]))
+        self.texts = texts[: self.hparams.max_examples]
+        if not self.texts:
+            raise ValueError(f"no {self.hparams.text_side} texts in the {self.hparams.split} split of {self.hparams.dataset}")
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.texts, batch_size=self.hparams.batch_size, collate_fn=_texts_as_list)

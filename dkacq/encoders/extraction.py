@@ -1,0 +1,128 @@
+"""Filling the embedding cache with ``Trainer.predict`` and a writer callback that streams to disk."""
+
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from datasets import DatasetDict
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+
+from dkacq.data.examples import EXAMPLE_COLUMNS
+from dkacq.encoders.cache import EmbeddingCache, LayerFileWriter, layer_file, publish, staging_folder
+from dkacq.encoders.text_encoder import TextEncoder
+from dkacq.provenance import package_versions
+
+
+class PooledStatesExtractor(LightningModule):
+    """Predicts ``[num_hidden_states, batch, dim]`` pooled vectors for a batch of tokenized texts."""
+
+    def __init__(self, encoder: TextEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.encoder(batch["input_ids"], batch["attention_mask"])
+
+
+class LayerStreamWriter(BasePredictionWriter):
+    """Appends each batch's rows of every layer to that layer's file, in batch order."""
+
+    def __init__(self, writers: list[LayerFileWriter]):
+        super().__init__(write_interval="batch")
+        self.writers = writers
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for writer, rows in zip(self.writers, prediction, strict=True):
+            writer.append(rows)
+
+
+def sorted_unique(encoder: TextEncoder, texts: list[str]) -> tuple[list[str], list[list[int]]]:
+    """Distinct texts and their token ids, longest first: batches of similar length pad little."""
+    unique = list(dict.fromkeys(texts))
+    ids = encoder.token_ids(unique)
+    order = sorted(range(len(unique)), key=lambda i: -len(ids[i]))
+    return [unique[i] for i in order], [ids[i] for i in order]
+
+
+def default_precision() -> str:
+    return "bf16-true" if torch.cuda.is_available() else "32-true"
+
+
+def _predict(encoder: TextEncoder, ids: list[list[int]], writers: list[LayerFileWriter], batch_size: int, precision: str):
+    batches = BatchSampler(SequentialSampler(ids), batch_size, drop_last=False)
+    loader = DataLoader(ids, batch_sampler=batches, collate_fn=encoder.collate)
+    trainer = Trainer(
+        accelerator="auto",
+        devices=1,
+        precision=precision,
+        logger=False,
+        callbacks=[LayerStreamWriter(writers)],
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.predict(PooledStatesExtractor(encoder), loader, return_predictions=False)
+
+
+def build_cache(
+    folder: Path,
+    request: dict,
+    query_encoder: TextEncoder,
+    passage_encoder: TextEncoder,
+    probe_set: DatasetDict,
+    batch_size: int = 64,
+    precision: str | None = None,
+    storage_dtype: str = "float32",
+) -> EmbeddingCache:
+    """Encode every distinct query and passage of ``probe_set`` at every hidden state into ``folder``.
+
+    The folder appears only when complete (built under a temporary name and renamed).
+    """
+    precision = precision or default_precision()
+    queries, query_ids = sorted_unique(query_encoder, [q for split in probe_set.values() for q in split["question"]])
+    passage_texts = [p for split in probe_set.values() for column in EXAMPLE_COLUMNS[1:] for p in split[column]]
+    passages, passage_ids = sorted_unique(passage_encoder, passage_texts)
+    num_states, dim = query_encoder.num_hidden_states, query_encoder.hidden_size
+    if (passage_encoder.num_hidden_states, passage_encoder.hidden_size) != (num_states, dim):
+        raise ValueError("query and passage encoders must have the same number of layers and hidden size")
+
+    staging = staging_folder(folder)
+    writers = [
+        LayerFileWriter(layer_file(staging, layer), len(queries), len(passages), dim, storage_dtype)
+        for layer in range(num_states)
+    ]
+    try:
+        _predict(query_encoder, query_ids, writers, batch_size, precision)
+        _predict(passage_encoder, passage_ids, writers, batch_size, precision)
+    except BaseException:
+        for writer in writers:
+            writer.file.close()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for writer in writers:
+        writer.close()
+
+    query_row = {text: row for row, text in enumerate(queries)}
+    passage_row = {text: row for row, text in enumerate(passages)}
+    index = {}
+    for name, split in probe_set.items():
+        index[f"{name}.query"] = torch.tensor([query_row[q] for q in split["question"]], dtype=torch.long)
+        index[f"{name}.passages"] = torch.tensor(
+            [[passage_row[p] for p in split[column]] for column in EXAMPLE_COLUMNS[1:]], dtype=torch.long
+        ).T.contiguous()
+    manifest = dict(
+        request,
+        num_hidden_states=num_states,
+        hidden_size=dim,
+        num_queries=len(queries),
+        num_passages=len(passages),
+        precision=precision,
+        storage_dtype=storage_dtype,
+        versions=package_versions(),
+    )
+    return publish(staging, folder, manifest, index)

@@ -1,0 +1,102 @@
+"""LinearProbe: one head trained on one layer's cached vectors to pick the positive among N passages."""
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torch.nn import functional
+from torchmetrics import CatMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from dkacq.probe.heads import Head, build_head
+
+
+class LinearProbe(LightningModule):
+    """A probe head with softmax cross-entropy, Adam, and accuracy per split.
+
+    The test split's per-example outcomes (example index, prediction, label) are gathered across
+    devices into ``test_outcomes`` for the paired significance tests of the report; examples that a
+    distributed sampler repeated to even out the shards are kept once.
+    """
+
+    def __init__(
+        self,
+        head: Head = "concat",
+        learning_rate: float = 1e-4,
+        num_passages: int = 5,
+        hidden_size: int | None = None,
+    ):
+        """
+        Args:
+            head: ``concat`` (the study's probe), ``passage_only`` (concat without the query: how much
+                of the accuracy needs the query at all) or ``query_aware`` (shared weights over
+                ``q * p_k`` and ``p_k``: can compare query and passage).
+            learning_rate: Adam's learning rate (the study: 1e-4).
+            num_passages: N, passages per example; set from the data module's ``num_passages``.
+            hidden_size: vector size of the probed layer; read from the cache when not given.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.head_module = build_head(head, hidden_size, num_passages) if hidden_size else None
+        self.accuracy = torch.nn.ModuleDict(
+            {f"{split}_acc": MulticlassAccuracy(num_passages, average="micro") for split in ("train", "val", "test")}
+        )
+        self.test_index, self.test_prediction, self.test_label = CatMetric(), CatMetric(), CatMetric()
+        self.test_outcomes: dict[str, Tensor] | None = None
+        self.checkpoint_epoch: int | None = None
+        self.checkpoint_val_acc: float | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.head_module is None:
+            self.hparams.hidden_size = self.trainer.datamodule.hidden_size
+            self.head_module = build_head(self.hparams.head, self.hparams.hidden_size, self.hparams.num_passages)
+
+    def forward(self, query: Tensor, passages: Tensor) -> Tensor:
+        return self.head_module(query, passages)
+
+    def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:
+        logits = self(batch["query"], batch["passages"])
+        loss = functional.cross_entropy(logits, batch["label"])
+        prediction = logits.argmax(dim=1)
+        accuracy = self.accuracy[f"{split}_acc"]
+        accuracy(prediction, batch["label"])
+        self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=len(prediction))
+        self.log(f"{split}/acc", accuracy, prog_bar=True, on_epoch=True, on_step=False)
+        return loss, prediction
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")[0]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _, prediction = self._step(batch, "test")
+        self.test_index.update(batch["index"])
+        self.test_prediction.update(prediction)
+        self.test_label.update(batch["label"])
+
+    def on_test_epoch_start(self) -> None:
+        for metric in (self.test_index, self.test_prediction, self.test_label):
+            metric.reset()
+
+    def on_test_epoch_end(self) -> None:
+        index = self.test_index.compute().long()
+        order = index.argsort()
+        first = torch.ones_like(order, dtype=torch.bool)
+        first[1:] = index[order][1:] != index[order][:-1]
+        keep = order[first]
+        self.test_outcomes = {
+            "index": index[keep].cpu(),
+            "prediction": self.test_prediction.compute().long()[keep].cpu(),
+            "label": self.test_label.compute().long()[keep].cpu(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Remember which epoch a tested probe comes from and its validation accuracy then."""
+        self.checkpoint_epoch = checkpoint.get("epoch")
+        for key, state in checkpoint.get("callbacks", {}).items():
+            if key.startswith("ModelCheckpoint") and state.get("best_model_score") is not None:
+                self.checkpoint_val_acc = float(state["best_model_score"])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)

@@ -1,0 +1,72 @@
+"""The ``dkacq`` command end to end on tiny models, and every shipped config parsed."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from dkacq.cli import main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
+
+
+def _command_of(config: Path) -> str:
+    return "attribute" if config.name.startswith("attribute") or "attribution" in config.parts else "fit"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
+def test_every_shipped_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as done:
+        main([_command_of(config), "--config", str(config), "--print_config"])
+    assert done.value.code == 0
+    assert "seed_everything" in capsys.readouterr().out
+
+
+def _tiny_fit_args(tiny_bert_dir, probe_files, tmp_path) -> list[str]:
+    train, test = probe_files
+    return [
+        "--data.encoder=bert-mean", f"--data.model={tiny_bert_dir}", "--data.dataset=toy", "--data.source=local",
+        f"--data.train_file={train}", f"--data.test_file={test}", f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.batch_size=32", "--data.val_fraction=0.2", "--data.num_passages=3", "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false", "--heads=[concat, query_aware]", f"--results.run_dir={tmp_path / 'run'}",
+    ]
+
+
+def test_fit_then_test_every_layer_and_head(tiny_bert_dir, probe_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = _tiny_fit_args(tiny_bert_dir, probe_files, tmp_path)
+    main(["fit", *args])
+    results = tmp_path / "run" / "results.csv"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(results)
+    with open(results) as file:
+        rows = list(csv.DictReader(file))
+    assert sorted((row["probe"], int(row["layer"])) for row in rows) == [
+        (head, layer) for head in ("concat", "query_aware") for layer in range(3)
+    ]
+    assert {row["model"] for row in rows} == {Path(tiny_bert_dir).name}
+    for row in rows:
+        checkpoint = tmp_path / "checkpoints" / "run" / f"toy-{row['model']}-mean-N3-{row['probe']}-layer{int(row['layer']):02d}" / "best.ckpt"
+        saved = torch.load(checkpoint, weights_only=False)
+        assert saved["hyper_parameters"]["head"] == row["probe"]
+        assert saved["epoch"] == int(row["best_epoch"])
+        assert (tmp_path / "run" / row["predictions"]).exists()
+    assert (tmp_path / "run" / "tensorboard").is_dir()
+
+    main(["test", *args])
+    with open(results) as file:
+        retested = list(csv.DictReader(file))
+    assert [(r["probe"], r["layer"], r["test_acc"]) for r in retested] == [(r["probe"], r["layer"], r["test_acc"]) for r in rows]
+    main(["validate", *args, "--data.layers=[1]"])
+
+
+def test_test_without_a_fitted_probe_says_so(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no trained probe .* run dkacq fit"):
+        main(["test", *_tiny_fit_args(tiny_bert_dir, probe_files, tmp_path)])
+
+
+def test_usage_without_a_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main([])
+    assert done.value.code == 2 and "dkacq {fit" in capsys.readouterr().out

@@ -1,0 +1,100 @@
+"""McNemar's exact test against scipy's binomial test, Bonferroni against hand-computed flags."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from scipy.stats import binomtest
+
+from dkacq.report.stats import ProbeResult, bonferroni, mcnemar_exact, read_results, significance_vs_base
+
+# (correct_a, correct_b, only_a, only_b)
+PAIRED_OUTCOMES = [
+    ([1, 1, 0, 0, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 0, 1], 2, 1),
+    ([1, 0, 1, 0, 0, 1, 1, 0, 1, 1, 0, 1], [0, 1, 0, 0, 0, 1, 0, 0, 1, 0, 1, 1], 4, 2),
+    ([1] * 25 + [0] * 5, [0] * 30, 25, 0),
+    ([0] * 30, [1] * 25 + [0] * 5, 0, 25),
+    ([1] * 3 + [0] * 200, [0] * 3 + [1] * 180 + [0] * 20, 3, 180),
+    ([1, 1, 0, 0, 1, 0], [0, 0, 1, 1, 1, 0], 2, 2),
+    ([1, 0, 0], [0, 0, 0], 1, 0),
+    ([1] * 40 + [0] * 17 + [1] * 9, [0] * 40 + [1] * 17 + [1] * 9, 40, 17),
+]
+
+
+@pytest.mark.parametrize("correct_a, correct_b, only_a, only_b", PAIRED_OUTCOMES)
+def test_mcnemar_equals_scipy_binomtest(correct_a, correct_b, only_a, only_b):
+    expected = binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue
+    assert mcnemar_exact(correct_a, correct_b) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    assert mcnemar_exact(correct_b, correct_a) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("outcomes", [[1, 0, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1]])
+def test_mcnemar_without_discordant_pairs_is_one(outcomes):
+    assert mcnemar_exact(outcomes, outcomes) == 1.0
+
+
+def test_mcnemar_accepts_bool_and_uint8_arrays():
+    a = np.array([True, True, False, True, True])
+    b = np.array([0, 0, 0, 1, 0], dtype=np.uint8)
+    assert mcnemar_exact(a, b) == pytest.approx(binomtest(0, 3, 0.5).pvalue)
+
+
+@pytest.mark.parametrize("a, b", [([1, 0], [1, 0, 1]), ([1, 2], [1, 0]), ([[1, 0]], [[1, 0]])])
+def test_mcnemar_rejects_bad_input(a, b):
+    with pytest.raises(ValueError):
+        mcnemar_exact(a, b)
+
+
+def test_bonferroni_flags():
+    assert bonferroni([0.01, 0.02, 0.004, 0.5]) == [True, False, True, False]
+    assert bonferroni([0.25, 0.125], alpha=0.5) == [False, True]
+    assert bonferroni([0.049]) == [True]
+    assert bonferroni([0.05]) == [False]
+    assert bonferroni([0.006] * 10) == [False] * 10
+    assert bonferroni([]) == []
+
+
+def _row(tmp_path, model, layer, probe, correct):
+    path = tmp_path / f"{model}-{probe}-{layer}.safetensors"
+    labels = torch.zeros(len(correct), dtype=torch.int64)
+    save_file({"correct": torch.tensor(correct, dtype=torch.uint8), "prediction": 1 - torch.tensor(correct),
+               "label": labels}, str(path))
+    return ProbeResult("nq", model, "cls", 2, layer, probe, 1, 0.5, float(np.mean(correct)), path)
+
+
+def test_significance_vs_base(tmp_path):
+    base = [[1, 0] * 8, [0] * 16, [0] * 16]
+    tuned = [[1, 0] * 8, [1] * 10 + [0] * 6, [1] * 4 + [0] * 12]
+    rows = [_row(tmp_path, "bert-base-uncased", layer, "concat", c) for layer, c in enumerate(base)]
+    rows += [_row(tmp_path, "dpr-question", layer, "concat", c) for layer, c in enumerate(tuned)]
+    rows += [_row(tmp_path, "dpr-question", layer, "query_aware", c) for layer, c in enumerate(tuned)]
+    results = significance_vs_base(rows, "bert-base-uncased")
+    assert [(r.model, r.probe, r.layer) for r in results] == [("dpr-question", "concat", layer) for layer in range(3)]
+    p_values = [1.0, binomtest(0, 10, 0.5).pvalue, binomtest(0, 4, 0.5).pvalue]
+    assert [r.p_value for r in results] == pytest.approx(p_values)
+    # 3 layers: significant when p < 0.05 / 3; 2/1024 is, 2/16 is not.
+    assert [r.significant for r in results] == [False, True, False]
+    assert significance_vs_base(rows, "llama") == []
+
+
+def test_read_results(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    header = ["dataset", "model", "pooling", "num_passages", "layer", "probe", "best_epoch", "val_acc", "test_acc",
+              "predictions"]
+    record = ["nq", "contriever", "mean", "3", "4", "concat", "7", "0.41", "0.39", "preds/x.safetensors"]
+    with (folder / "results.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, record])
+    (row,) = read_results([folder / "results.csv"])
+    assert row == ProbeResult("nq", "contriever", "mean", 3, 4, "concat", 7, 0.41, 0.39,
+                              (folder / "preds/x.safetensors").resolve())
+    with (folder / "results.csv").open("a", newline="") as handle:
+        csv.writer(handle).writerow(record)
+    with pytest.raises(ValueError, match="more than one"):
+        read_results([folder / "results.csv"])
+    with (folder / "other.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([header, record[:5] + ["mystery"] + record[6:]])
+    with pytest.raises(ValueError, match="unknown probe"):
+        read_results([folder / "other.csv"])

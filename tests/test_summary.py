@@ -1,0 +1,158 @@
+"""report.md from synthetic inputs: every figure linked, every table number recomputed here."""
+
+import csv
+import re
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+from scipy.stats import binomtest
+
+from dkacq.report.summary import write_report
+from test_figures import (
+    LAYERS,
+    MODELS,
+    NUM_PASSAGES,
+    PROBES,
+    assert_png,
+    shipped_curve,
+    write_attribution_run,
+    write_results,
+)
+
+BASE, TUNED = MODELS
+
+
+def parse_tables(markdown: str) -> dict[str, list[dict[str, str]]]:
+    """Heading -> the rows of the table under it (the report has at most one per heading)."""
+    tables: dict[str, list[dict[str, str]]] = {}
+    heading, header = None, None
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            heading = line.lstrip("#").strip()
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if header is None:
+            header, tables[heading] = cells, []
+        elif set(line) != set("|-"):
+            assert len(cells) == len(header), line
+            tables[heading].append(dict(zip(header, cells)))
+    return tables
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    results_csv, outcomes = write_results(root / "probe")
+    runs = [write_attribution_run(root / "tuned", TUNED, seed=1), write_attribution_run(root / "base", BASE, seed=2)]
+    report = write_report([results_csv], runs, root / "out")
+    return report, report.read_text(), parse_tables(report.read_text()), outcomes, runs
+
+
+def test_every_figure_exists_and_is_linked(built):
+    report, markdown, *_ = built
+    out = report.parent
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    run_slugs = [f"{model}-cls-nq-test-query" for model in (TUNED, BASE)]
+    expected = {
+        "probe_nq_cls.png", "active_fraction_vs_threshold.png",
+        *(f"attribution_{slug}_t{t}.png" for slug in run_slugs for t in ("0.1", "0.2")),
+        *(f"compare_{run_slugs[0]}_vs_{run_slugs[1]}_t{t}.png" for t in ("0.1", "0.2")),
+    }
+    assert set(links) == expected == {p.name for p in out.glob("*.png")}
+    for name in expected:
+        assert_png(out / name)
+    assert "[published_differences.csv](published_differences.csv)" in markdown
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp") == []
+
+
+def _acc(outcomes, model, n, probe, layer) -> float:
+    return float(outcomes[(model, n, probe, layer)].mean())
+
+
+def test_accuracy_table(built):
+    _, _, tables, outcomes, _ = built
+    rows = {(r["model"], int(r["N"]), r["probe"]): r for r in tables["Accuracy per probe"]}
+    assert len(rows) == len(MODELS) * len(NUM_PASSAGES) * len(PROBES)
+    for (model, n, probe), row in rows.items():
+        accs = [_acc(outcomes, model, n, probe, layer) for layer in LAYERS]
+        best = int(np.argmax(accs))
+        assert (row["layers"], row["last layer"], row["last-layer acc"]) == ("3", "2", f"{accs[-1]:.4f}")
+        assert (row["best layer"], row["best acc"]) == (str(best), f"{accs[best]:.4f}")
+        if model == BASE:
+            assert row["layers ≠ base"] == "base"
+            continue
+        p_values = []
+        for layer in LAYERS:
+            a, b = outcomes[(model, n, probe, layer)], outcomes[(BASE, n, probe, layer)]
+            only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
+            p_values.append(binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
+        assert row["layers ≠ base"] == f"{sum(p * 3 < 0.05 for p in p_values)}/3"
+    assert any(r["layers ≠ base"] not in ("base", "0/3") for r in rows.values())
+
+
+def test_head_table(built):
+    _, _, tables, outcomes, _ = built
+    rows = tables["Probe heads"]
+    assert len(rows) == len(MODELS) * len(NUM_PASSAGES)
+    for row in rows:
+        model, n = row["model"], int(row["N"])
+        assert row["chance"] == f"{1 / n:.4f}"
+        for probe in PROBES:
+            accs = [_acc(outcomes, model, n, probe, layer) for layer in LAYERS]
+            assert row[f"{probe} (last)"] == f"{accs[-1]:.4f}"
+            assert row[f"{probe} (best)"] == f"{max(accs):.4f}"
+
+
+def test_published_differences(built):
+    report, _, tables, outcomes, _ = built
+    published = {(m, n, layer): acc for m in MODELS for n in NUM_PASSAGES
+                 for layer, acc, _ in shipped_curve("nq", "cls", m, n)}
+    rows = tables["Differences from the published accuracies"]
+    assert len(rows) == len(MODELS) * len(NUM_PASSAGES)
+    for row in rows:
+        model, n = row["model"], int(row["N"])
+        differences = [_acc(outcomes, model, n, "concat", layer) - published[(model, n, layer)] for layer in LAYERS]
+        assert (row["layers compared"], row["last layer"]) == ("3", "2")
+        assert row["ours"] == f"{_acc(outcomes, model, n, 'concat', 2):.4f}"
+        assert row["published"] == f"{published[(model, n, 2)]:.4f}"
+        assert row["difference"] == f"{differences[-1]:+.4f}"
+        assert row["mean difference"] == f"{np.mean(differences):+.4f}"
+        assert row["largest abs. difference"] == f"{max(map(abs, differences)):.4f}"
+    with (report.parent / "published_differences.csv").open(newline="") as handle:
+        cells = list(csv.DictReader(handle))
+    assert len(cells) == len(MODELS) * len(NUM_PASSAGES) * len(LAYERS)
+    for cell in cells:
+        key = (cell["model"], int(cell["num_passages"]), int(cell["layer"]))
+        assert float(cell["published"]) == pytest.approx(published[key], abs=5e-5)
+
+
+def test_attribution_table(built):
+    _, _, tables, _, runs = built
+    rows = tables["Neuron attribution"]
+    assert len(rows) == 4
+    for row in rows:
+        run = runs[0] if row["model"] == TUNED else runs[1]
+        counts = load_file(str(run / "counts.safetensors"))
+        assert row["texts"] == "50"
+        for side in ("intermediate", "output"):
+            matrix = counts[f"{side}@{row['threshold']}"]
+            total = sum(int(v) for v in matrix.ravel())
+            assert row[f"{side} active %"] == f"{total / (matrix.size * 50) * 100:.2f}"
+
+
+def test_base_model_override_and_no_overlay(tmp_path):
+    results_csv, _ = write_results(tmp_path / "probe", seed=3)
+    report = write_report([results_csv], [], tmp_path / "out", base_models={"cls": TUNED}, published_overlay=False)
+    tables = parse_tables(report.read_text())
+    marks = {r["model"]: r["layers ≠ base"] for r in tables["Accuracy per probe"]}
+    assert marks[TUNED] == "base" and re.fullmatch(r"\d/3", marks[BASE])
+    assert "Neuron attribution" not in tables
+    assert_png(tmp_path / "out" / "probe_nq_cls.png")
+
+
+def test_report_without_inputs(tmp_path):
+    report = write_report([], [], tmp_path / "empty")
+    assert report.read_text() == "# dkacq report\n\nNo inputs.\n"
