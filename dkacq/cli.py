@@ -8,14 +8,17 @@ import os
 import sys
 import warnings
 
-COMMANDS = {"fit": "probe", "validate": "probe", "test": "probe", "attribute": "attribute"}
-USAGE = """usage: dkacq {fit,validate,test,attribute,report} [options]
+COMMANDS = {
+    "fit": "probe", "validate": "probe", "test": "probe", "attribute": "attribute", "report": "report", "sweep": "sweep",
+}
+USAGE = """usage: dkacq {fit,validate,test,attribute,report,sweep} [options]
 
   fit        train a linear probe per layer on cached embeddings, test the best epoch, append results.csv
   validate   validate trained probes
   test       test trained probes and record their results
   attribute  integrated-gradients neuron attribution of a preset's MLP neurons
   report     figures and a Markdown summary from results tables and attribution runs
+  sweep      a study config's grid of probes and attribution runs, resumable, then its report
 
 Each command takes --help, --config FILE and --print_config."""
 

@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from dkacq.cli import main
@@ -12,7 +13,9 @@ CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 
 
 def _command_of(config: Path) -> str:
-    return "attribute" if config.name.startswith("attribute") or "attribution" in config.parts else "fit"
+    if config.parent.name == "study" and config.name != "probe-study.yaml":
+        return "sweep"
+    return "attribute" if config.name.startswith("attribute") else "fit"
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)
@@ -20,7 +23,8 @@ def test_every_shipped_config_parses(config, capsys):
     with pytest.raises(SystemExit) as done:
         main([_command_of(config), "--config", str(config), "--print_config"])
     assert done.value.code == 0
-    assert "seed_everything" in capsys.readouterr().out
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert set(yaml.safe_load(config.read_text())) <= set(printed)
 
 
 def _tiny_fit_args(tiny_bert_dir, probe_files, tmp_path) -> list[str]:

@@ -24,7 +24,8 @@ class AttributionModule(LightningModule):
 
     Run it with ``Trainer.predict`` (``dkacq attribute``) and ``inference_mode=False``: the scores need
     gradients. The counts are a torchmetrics state summed across devices; rank zero writes
-    ``counts.safetensors`` and ``summary.json`` into ``output_dir`` when the text set is done.
+    ``summary.json`` and then ``counts.safetensors`` (each under a temporary name, renamed when
+    complete) into ``output_dir`` when the text set is done: counts present means the run is done.
     """
 
     def __init__(
@@ -106,8 +107,8 @@ class AttributionModule(LightningModule):
         save_file(counts_to_tensors(counts), str(temporary))
         summary = self.summary(counts)
         (folder / ".summary.json.partial").write_text(json.dumps(summary, indent=2))
-        os.replace(temporary, folder / "counts.safetensors")
         os.replace(folder / ".summary.json.partial", folder / "summary.json")
+        os.replace(temporary, folder / "counts.safetensors")
 
     def summary(self, counts) -> dict:
         """Everything needed to trace and reproduce the counts."""

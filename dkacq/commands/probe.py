@@ -1,6 +1,7 @@
 """``dkacq fit`` / ``validate`` / ``test``: one linear probe per (head, layer) on cached embeddings."""
 
 import itertools
+import shutil
 from pathlib import Path
 
 from lightning.pytorch import seed_everything
@@ -11,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from dkacq.data.probe_datamodule import ProbeDataModule
 from dkacq.probe.heads import Head
 from dkacq.probe.linear_probe import LinearProbe
-from dkacq.probe.results import ProbeResults, cell_name
+from dkacq.probe.results import ProbeResults, cell_name, probe_cell
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -38,8 +39,13 @@ class ProbeCLI(LightningCLI):
             help="Probe heads to run, each on every layer (default: model.head alone).",
         )
 
-    def _cells(self, datamodule: ProbeDataModule):
-        """Yield each (head, layer) to probe with freshly instantiated classes set up for it."""
+    @property
+    def results(self) -> ProbeResults:
+        return next(callback for callback in self.trainer.callbacks if isinstance(callback, ProbeResults))
+
+    def _cells(self, datamodule: ProbeDataModule, skip_finished: bool = False):
+        """Yield the name of each (head, layer) cell to probe, with fresh classes instantiated for it;
+        with ``skip_finished``, cells that have a result already are left out."""
         datamodule.prepare_data()
         config = self.config[self.subcommand]
         heads = config.heads or [config.model.head]
@@ -48,16 +54,17 @@ class ProbeCLI(LightningCLI):
             seed_everything(config.seed_everything, workers=True)
             self.instantiate_classes()
             self.datamodule.layer = layer
-            data = self.datamodule
-            cell = cell_name(
-                data.hparams.dataset, data.preset.label, data.preset.pooling, data.hparams.num_passages, layer,
-                self.model.hparams.head,
-            )
-            results = next(callback for callback in self.trainer.callbacks if isinstance(callback, ProbeResults))
-            self.trainer.checkpoint_callback.dirpath = str(CHECKPOINT_ROOT / results.run_dir.name / cell)
+            cell = probe_cell(self.datamodule, self.model)
+            if skip_finished and self.results.finished(cell):
+                continue
+            name = cell_name(**cell)
+            self.trainer.checkpoint_callback.dirpath = str(self._checkpoint_folder(name))
             if self.trainer.logger is not None:
-                self.trainer.loggers = [TensorBoardLogger(results.run_dir, name="tensorboard", version=cell)]
-            yield cell, results
+                self.trainer.loggers = [TensorBoardLogger(self.results.run_dir, name="tensorboard", version=name)]
+            yield name
+
+    def _checkpoint_folder(self, cell: str) -> Path:
+        return CHECKPOINT_ROOT / self.results.run_dir.name / cell
 
     def _set_head(self, head: str) -> None:
         """Make ``head`` the model's in the parsed config and in the dump that ``save_hyperparameters``
@@ -66,27 +73,31 @@ class ProbeCLI(LightningCLI):
         vars(self).pop("config_dump", None)
         self._dump_config()
 
-    def _best_checkpoint(self, cell: str, results: ProbeResults, ckpt_path: str | None) -> str:
-        path = Path(ckpt_path) if ckpt_path else CHECKPOINT_ROOT / results.run_dir.name / cell / "best.ckpt"
+    def _best_checkpoint(self, cell: str, ckpt_path: str | None) -> str:
+        path = Path(ckpt_path) if ckpt_path else self._checkpoint_folder(cell) / "best.ckpt"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no trained probe for {cell}; run dkacq fit with the same config first")
         return str(path)
 
     def fit(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        """Fit one probe per layer, keep the best validation epoch, test it and record the result."""
-        for _cell, results in self._cells(datamodule):
+        """Fit one probe per cell, keep the best validation epoch, test it and record the result.
+
+        A cell starts from an empty checkpoint folder, so a cell interrupted earlier starts again cleanly.
+        """
+        for cell in self._cells(datamodule, skip_finished=self.results.skip_finished):
+            shutil.rmtree(self._checkpoint_folder(cell), ignore_errors=True)
             self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, **kwargs)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
-        print(results.results_path)
+        print(self.results.results_path)
 
     def validate(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        for cell, results in self._cells(datamodule):
-            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, results, ckpt_path), **kwargs)
+        for cell in self._cells(datamodule):
+            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
 
     def test(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        for cell, results in self._cells(datamodule):
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, results, ckpt_path), **kwargs)
-        print(results.results_path)
+        for cell in self._cells(datamodule):
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
+        print(self.results.results_path)
 
 
 def run(args: list[str]) -> ProbeCLI:

@@ -16,8 +16,24 @@ CELL_KEY = ("dataset", "model", "pooling", "num_passages", "layer", "probe")
 """Columns that identify a probe: a second result for the same cell replaces the first."""
 
 
+def probe_cell(data, probe: LightningModule) -> dict:
+    """The cell a probe fills: the ``CELL_KEY`` columns of its row."""
+    return dict(
+        dataset=data.hparams.dataset,
+        model=data.preset.label,
+        pooling=data.preset.pooling,
+        num_passages=data.hparams.num_passages,
+        layer=data.layer,
+        probe=probe.hparams.head,
+    )
+
+
 def cell_name(dataset: str, model: str, pooling: str, num_passages: int, layer: int, probe: str) -> str:
     return f"{dataset}-{model}-{pooling}-N{num_passages}-{probe}-layer{layer:02d}"
+
+
+def _key(row: dict) -> tuple[str, ...]:
+    return tuple(str(row[column]) for column in CELL_KEY)
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
@@ -36,10 +52,9 @@ def write_atomically(path: Path, write) -> None:
 
 def upsert_result(path: Path, row: dict) -> None:
     """Add ``row`` to the results table at ``path``, replacing an earlier row of the same cell."""
-    key = tuple(str(row[column]) for column in CELL_KEY)
     new = {column: row.get(column, "") for column in RESULT_COLUMNS}
     rows = read_results(path)
-    same_cell = [i for i, old in enumerate(rows) if tuple(old[column] for column in CELL_KEY) == key]
+    same_cell = [i for i, old in enumerate(rows) if _key(old) == _key(row)]
     if same_cell:
         rows[same_cell[0]] = new
     else:
@@ -57,12 +72,18 @@ def upsert_result(path: Path, row: dict) -> None:
 class ProbeResults(Callback):
     """After each test of a probe, record its accuracy row and its per-example outcomes."""
 
-    def __init__(self, run_dir: str = "runs/probe"):
+    def __init__(self, run_dir: str = "runs/probe", skip_finished: bool = False):
         """
         Args:
             run_dir: the run's output folder: ``results.csv``, ``predictions/`` and TensorBoard logs.
+            skip_finished: leave out cells that already have a row in ``results.csv`` (to resume an
+                interrupted run); otherwise a cell fitted again replaces its row.
         """
         self.run_dir = Path(run_dir)
+        self.skip_finished = skip_finished
+
+    def finished(self, cell: dict) -> bool:
+        return any(_key(row) == _key(cell) for row in read_results(self.results_path))
 
     @property
     def results_path(self) -> Path:
@@ -72,14 +93,7 @@ class ProbeResults(Callback):
         if not trainer.is_global_zero:
             return
         data, outcomes = trainer.datamodule, pl_module.test_outcomes
-        cell = dict(
-            dataset=data.hparams.dataset,
-            model=data.preset.label,
-            pooling=data.preset.pooling,
-            num_passages=data.hparams.num_passages,
-            layer=data.layer,
-            probe=pl_module.hparams.head,
-        )
+        cell = probe_cell(data, pl_module)
         correct = (outcomes["prediction"] == outcomes["label"]).to(torch.uint8)
         predictions = Path("predictions") / f"{cell_name(**cell)}.safetensors"
         (self.run_dir / "predictions").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,72 @@
+"""``dkacq sweep`` resumes: a stopped sweep run again runs each remaining cell once and none twice."""
+
+import csv
+from collections import Counter
+
+import pytest
+import yaml
+from lightning.pytorch import Trainer
+
+from dkacq.cli import main
+from dkacq.encoders import extraction
+
+
+def _study(tmp_path, tiny_bert_dir, probe_files) -> str:
+    train, test = probe_files
+    base = tmp_path / "probe-base.yaml"
+    base.write_text(yaml.safe_dump({
+        "trainer": {"max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False, "logger": False},
+        "model": {"learning_rate": 0.01},
+        "data": {"batch_size": 32, "val_fraction": 0.2},
+    }))
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "study"),
+        "data": {"dataset": "toy", "source": "local", "train_file": train, "test_file": test,
+                 "cache_dir": str(tmp_path / "cache")},
+        "probes": {
+            "config": str(base),
+            "settings": [{"encoder": "bert-mean", "model": str(tiny_bert_dir)},
+                         {"encoder": "bert-mean", "model": str(tiny_bert_dir), "random_init": True}],
+            "num_passages": [2, 3],
+            "heads": ["concat"],
+        },
+        "base_models": {"mean": "tiny-bert0-random"},
+    }))
+    return str(study)
+
+
+def test_stopped_sweep_resumes_each_cell_once(tmp_path, tiny_bert_dir, probe_files, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = _study(tmp_path, tiny_bert_dir, probe_files)
+    fits, builds = Counter(), Counter()
+    original_fit, original_build = Trainer.fit, extraction.build_cache
+
+    def counting_fit(trainer, model, datamodule=None, **kwargs):
+        cell = (datamodule.preset.label, datamodule.hparams.num_passages, datamodule.layer)
+        fits[cell] += 1
+        if sum(fits.values()) == 5 and not hasattr(counting_fit, "stopped"):
+            counting_fit.stopped = cell
+            raise KeyboardInterrupt
+        return original_fit(trainer, model, datamodule=datamodule, **kwargs)
+
+    def counting_build(folder, *args, **kwargs):
+        builds[folder.name] += 1
+        return original_build(folder, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "fit", counting_fit)
+    monkeypatch.setattr(extraction, "build_cache", counting_build)
+    with pytest.raises(KeyboardInterrupt):
+        main(["sweep", "--config", study])
+    assert sum(fits.values()) == 5
+    main(["sweep", "--config", study])
+
+    expected = {(label, n, layer) for label in ("tiny-bert0", "tiny-bert0-random") for n in (2, 3) for layer in range(3)}
+    assert set(fits) == expected
+    assert all(count == 1 for cell, count in fits.items() if cell != counting_fit.stopped)
+    assert fits[counting_fit.stopped] == 2, "the interrupted cell starts again"
+    assert sorted(builds.values()) == [1, 1], "one embedding cache per setting, for all its cells"
+    with open(tmp_path / "study" / "probe" / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == len(expected)
+    assert (tmp_path / "study" / "report" / "report.md").exists()
