@@ -74,3 +74,12 @@ def test_usage_without_a_command(capsys):
     with pytest.raises(SystemExit) as done:
         main([])
     assert done.value.code == 2 and "dkacq {fit" in capsys.readouterr().out
+
+
+def test_print_config_shows_every_option_with_its_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS[0].parent / "probe.yaml"), "--print_config=comments"])
+    printed = capsys.readouterr().out
+    assert "scale every dimension of the query and passage vectors" in printed
+    assert "Probe heads to run, each on every layer" in printed
+    assert "leave out cells that already have a row" in printed

@@ -147,3 +147,17 @@ def test_cache_holds_one_file_per_hidden_state(tmp_path, probe_files, tiny_bert_
     assert len(sizes) == cache.num_hidden_states == 3
     rows = cache.manifest["num_queries"] + cache.manifest["num_passages"]
     assert all(math.isclose(size, rows * cache.hidden_size * 4, rel_tol=0.05) for size in sizes)
+
+
+def test_edited_source_file_rebuilds_the_probe_set_and_refuses_the_old_cache(tmp_path, probe_files, tiny_bert_dir):
+    data = _data(tmp_path, probe_files, model=str(tiny_bert_dir))
+    data.prepare_data()
+    train, _ = probe_files
+    lines = open(train).read().splitlines()
+    with open(train, "w") as file:
+        file.write("\n".join(lines[:-1]) + "\n")
+    edited = _data(tmp_path, probe_files, model=str(tiny_bert_dir))
+    probe_set, _ = edited.load_probe_set()
+    assert len(probe_set["train"]) == len(lines) - 1
+    with pytest.raises(CacheMismatchError, match="data_fingerprint"):
+        edited.prepare_data()
