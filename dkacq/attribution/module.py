@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import LightningModule
 from safetensors.torch import save_file
 
-from dkacq.attribution.counting import ActiveNeuronCounts, counts_to_tensors
+from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds, counts_to_tensors
 from dkacq.attribution.ig import PathRule, neuron_scores
 from dkacq.attribution.targets import Target, find_targets
 from dkacq.data.text_datamodule import TextSide
@@ -61,11 +61,9 @@ class AttributionModule(LightningModule):
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         self.save_hyperparameters()
+        self.preset = encoder
         self.kinds = list(kinds or encoder.attribution_kinds)
-        self.thresholds = list(thresholds or encoder.attribution_thresholds)
-        for threshold in self.thresholds:
-            if not 0 < threshold < 1:
-                raise ValueError(f"thresholds must lie in (0, 1), got {threshold}")
+        self.thresholds = list(check_thresholds(thresholds or encoder.attribution_thresholds))
         self.text_encoder: TextEncoder | None = None
         self.targets: list[Target] = []
         self.counts: ActiveNeuronCounts | None = None
@@ -73,7 +71,7 @@ class AttributionModule(LightningModule):
     def configure_model(self) -> None:
         if self.text_encoder is not None:
             return
-        preset = self.hparams.encoder
+        preset = self.preset
         dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
         query, passage = load_encoders(preset, dtype=dtype)
         self.text_encoder = query if self.hparams.text_side == "query" else passage
@@ -81,7 +79,8 @@ class AttributionModule(LightningModule):
         self.targets = find_targets(self.text_encoder.transformer, self.kinds)
         self.counts = ActiveNeuronCounts(self.targets, self.thresholds)
 
-    def predict_step(self, texts: list[str], batch_idx: int) -> None:
+    def predict_step(self, texts: list[str], batch_idx: int) -> int:
+        """Score a batch of texts and count its active neurons; returns the number of texts."""
         batch = {key: value.to(self.device) for key, value in self.text_encoder.tokenize(texts).items()}
         with torch.enable_grad():
             scores = neuron_scores(
@@ -89,13 +88,14 @@ class AttributionModule(LightningModule):
                 self.hparams.replicas_per_pass,
             )
         self.counts.update(scores)
+        return len(texts)
 
     @property
     def output_path(self) -> Path:
         if self.hparams.output_dir:
             return Path(self.hparams.output_dir)
         dataset = self.trainer.datamodule.hparams.dataset if self.trainer.datamodule else "texts"
-        return Path("runs/attribution") / f"{dataset}-{self.hparams.encoder.name}-{self.hparams.text_side}"
+        return Path("runs/attribution") / f"{dataset}-{self.preset.name}-{self.hparams.text_side}"
 
     def on_predict_epoch_end(self) -> None:
         counts = self.counts.compute()
@@ -112,7 +112,7 @@ class AttributionModule(LightningModule):
 
     def summary(self, counts) -> dict:
         """Everything needed to trace and reproduce the counts."""
-        preset, data = self.hparams.encoder, self.trainer.datamodule
+        preset, data = self.preset, self.trainer.datamodule
         data_hparams = dict(data.hparams) if data is not None else {}
         kinds = {}
         for target in self.targets:

@@ -3,13 +3,16 @@
 import json
 from dataclasses import asdict
 
+import matplotlib.image
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from dkacq.attribution.module import AttributionModule
 from dkacq.attribution.throughput import TextThroughputBar
 from dkacq.data.text_datamodule import TextDataModule
 from dkacq.encoders.presets import PRESETS, get_preset
+from dkacq.report.figures import plot_attribution_heatmaps
 
 
 class DkacqTrainer(Trainer):
@@ -30,13 +33,17 @@ class AttributionCLI(LightningCLI):
         parser.add_lightning_class_args(TextThroughputBar, "progress_bar")
 
     def after_attribute(self) -> None:
-        from dkacq.report.figures import plot_attribution_heatmaps
-
+        """Draw the study's heatmap per threshold beside the counts, log it to TensorBoard, and print
+        the output folder."""
+        if not self.trainer.is_global_zero:
+            return
         folder = self.model.output_path
-        if self.trainer.is_global_zero:
-            for threshold in self.model.thresholds:
-                plot_attribution_heatmaps(folder, folder / f"heatmap@{threshold:g}.png", threshold)
-            print(folder)
+        board = TensorBoardLogger(folder, name="tensorboard", version="").experiment
+        for threshold in self.model.thresholds:
+            png = plot_attribution_heatmaps(folder, folder / f"heatmap@{threshold:g}.png", threshold)
+            board.add_image(f"active neurons/threshold {threshold:g}", matplotlib.image.imread(png), dataformats="HWC")
+        board.close()
+        print(folder)
 
 
 def preset_config(name: str) -> dict:

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dkacq.data.examples import ProbeFormat
 from dkacq.data.sampling import draw_passage_orders
-from dkacq.data.storage import stored_probe_set
+from dkacq.data.storage import fingerprint, stored_probe_set
 from dkacq.encoders.cache import EmbeddingCache, open_cache
 from dkacq.encoders.pooling import Pooling
 from dkacq.encoders.presets import EncoderPreset, get_preset
@@ -106,6 +106,7 @@ class ProbeDataModule(LightningDataModule):
         hub_id: str | None = None,
         num_passages: int = 5,
         layers: list[int] | None = None,
+        max_examples: int | None = None,
         batch_size: int = 32768,
         val_fraction: float = 0.01,
         seed: int = 42,
@@ -134,6 +135,8 @@ class ProbeDataModule(LightningDataModule):
             hub_id: a Hugging Face data set id for msmarco or published.
             num_passages: N, passages per example: the positive and N - 1 of its 4 negatives (2..5).
             layers: hidden states to probe, 0 being the embedding output; all of them when not given.
+            max_examples: keep only the first this many examples of each split, for quick runs of
+                large models on a CPU; all when not given.
             batch_size: examples per optimizer step (the study: 32,768).
             val_fraction: share of the train split held out for choosing the best epoch (the study: 0.01).
             seed: seed of the train/validation split and of the validation and test passage draws, which
@@ -151,6 +154,8 @@ class ProbeDataModule(LightningDataModule):
         super().__init__()
         if not 2 <= num_passages <= 5:
             raise ValueError(f"num_passages must be between 2 and 5 (1 positive + up to 4 negatives), got {num_passages}")
+        if max_examples is not None and max_examples < 2:
+            raise ValueError(f"max_examples must be at least 2, got {max_examples}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         self.save_hyperparameters()
@@ -165,11 +170,21 @@ class ProbeDataModule(LightningDataModule):
 
     @property
     def embeddings_folder(self) -> Path:
-        return self.folder / (self.hparams.cache_name or self.preset.name)
+        limit = f"-first{self.hparams.max_examples}" if self.hparams.max_examples else ""
+        return self.folder / (self.hparams.cache_name or self.preset.name + limit)
 
     def load_probe_set(self) -> tuple[DatasetDict, str]:
+        """The probe set (its first ``max_examples`` per split, if set) and its fingerprint."""
         hparams = self.hparams
-        return stored_probe_set(self.probe_set_folder, hparams.source, hparams.train_file, hparams.test_file, hparams.hub_id)
+        probe_set, data_fingerprint = stored_probe_set(
+            self.probe_set_folder, hparams.source, hparams.train_file, hparams.test_file, hparams.hub_id
+        )
+        if hparams.max_examples:
+            probe_set = DatasetDict(
+                {name: split.select(range(min(hparams.max_examples, len(split)))) for name, split in probe_set.items()}
+            )
+            data_fingerprint = fingerprint(probe_set)
+        return probe_set, data_fingerprint
 
     def _request(self, data_fingerprint: str) -> dict:
         return embedding_request(self.preset, data_fingerprint, self.hparams.cache_dtype)

@@ -56,7 +56,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
 
 def _save(figure: Figure, out_path: Path) -> Path:
     with atomic_output(out_path) as temporary:
-        figure.savefig(temporary, format="png", dpi=DPI)
+        figure.savefig(temporary, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.15)
     return Path(out_path)
 
 
@@ -175,7 +175,7 @@ def plot_probe_curves(
 
     ncols = min(2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    figure = Figure(figsize=(6.2 * ncols + 0.6, 3.9 * nrows + 2.2), layout="constrained")
+    figure = Figure(figsize=(max(6.2 * ncols, 10.5) + 0.6, 3.9 * nrows + 2.2), layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[len(panels):]:
         ax.set_visible(False)

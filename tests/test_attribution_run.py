@@ -1,0 +1,105 @@
+"""``dkacq attribute`` end to end: presets resolved offline, outputs, and 2 processes = 1 process."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch import Trainer
+from safetensors.torch import load_file
+
+from dkacq.attribution.module import AttributionModule
+from dkacq.cli import main
+from dkacq.data.text_datamodule import TextDataModule
+
+
+def test_repllama_resolves_offline(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["attribute", "--model", "repllama", "--print_config"])
+    assert done.value.code == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    encoder = config["model"]["encoder"]
+    assert encoder["query"]["model"] == "meta-llama/Llama-2-7b-hf"
+    assert encoder["query"]["lora_adapter"] == "castorini/repllama-v1-7b-lora-passage"
+    assert encoder["pooling"] == "eos"
+    assert config["model"]["kinds"] == ["gate_proj", "down_proj"]
+    assert config["model"]["thresholds"] == [0.01]
+    assert config["trainer"]["precision"] == "bf16-true"
+    assert config["trainer"]["inference_mode"] is False
+
+
+@pytest.mark.parametrize("preset", ["bert-cls", "dpr-query", "dpr-passage", "dpr-paired", "bert-mean", "contriever", "llama", "minilm", "smollm", "minilm-random"])
+def test_every_preset_prints_its_config(preset, capsys):
+    with pytest.raises(SystemExit):
+        main(["attribute", f"--model={preset}", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["model"]["encoder"]["random_init"] is preset.endswith("-random")
+
+
+def _module(preset, tmp_path, name="run", **kwargs) -> AttributionModule:
+    return AttributionModule(preset, steps=3, thresholds=[0.1, 0.2], output_dir=str(tmp_path / name), **kwargs)
+
+
+def _data(tmp_path, probe_files, **kwargs) -> TextDataModule:
+    train, test = probe_files
+    return TextDataModule(dataset="toy", source="local", train_file=train, test_file=test,
+                          cache_dir=str(tmp_path / "cache"), max_examples=9, batch_size=2, **kwargs)
+
+
+def test_attribute_writes_counts_and_provenance(tmp_path, probe_files, tiny_bert_dir, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train, test = probe_files
+    main([
+        "attribute", "--model", "bert-mean", f"--model.encoder.query.model={tiny_bert_dir}",
+        f"--model.encoder.passage.model={tiny_bert_dir}", "--model.steps=3", f"--model.output_dir={tmp_path / 'out'}",
+        "--data.dataset=toy", "--data.source=local", f"--data.train_file={train}", f"--data.test_file={test}",
+        f"--data.cache_dir={tmp_path / 'cache'}", "--data.max_examples=5", "--data.text_side=passage",
+    ])
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "out")
+    counts = load_file(tmp_path / "out" / "counts.safetensors")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert int(counts["num_texts"]) == summary["num_texts"] == 5
+    assert counts["intermediate@0.1"].shape == (2, 64) and counts["output@0.2"].shape == (2, 32)
+    assert (counts["intermediate@0.2"] <= counts["intermediate@0.1"]).all()
+    assert counts["output@0.1"].max() <= 5
+    assert summary["text_side"] == "passage" and summary["split"] == "test"
+    assert (summary["alpha_rule"], summary["steps"], summary["thresholds"]) == ("reference", 3, [0.1, 0.2])
+    assert summary["kinds"]["intermediate"] == {"side": "intermediate", "num_layers": 2, "num_neurons": 64}
+    assert {"torch", "transformers", "dkacq"} <= set(summary["versions"])
+    assert (tmp_path / "out" / "heatmap@0.1.png").exists()
+
+
+def _counts_of(tmp_path, name, preset, probe_files, devices):
+    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
+                      inference_mode=False, logger=False, enable_progress_bar=False)
+    trainer.predict(_module(preset, tmp_path, name), datamodule=_data(tmp_path, probe_files), return_predictions=False)
+    return load_file(tmp_path / name / "counts.safetensors")
+
+
+def test_two_processes_count_what_one_does(tmp_path, probe_files, tiny_llama_preset):
+    one = _counts_of(tmp_path, "one", tiny_llama_preset, probe_files, devices=1)
+    two = _counts_of(tmp_path, "two", tiny_llama_preset, probe_files, devices=2)
+    assert int(one["num_texts"]) == int(two["num_texts"]) == 9
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.equal(one[key], two[key]), key
+
+
+def test_bad_attribution_input_is_one_line(tmp_path, probe_files, tiny_bert_preset):
+    for kwargs, message in (
+        (dict(kinds=["attention"]), "unknown target kind 'attention'"),
+        (dict(thresholds=[1.5]), "must lie in \\(0, 1\\)"),
+        (dict(steps=0), "steps must be at least 1"),
+    ):
+        with pytest.raises(ValueError, match=message) as error:
+            module = AttributionModule(tiny_bert_preset, output_dir=str(tmp_path / "x"), **kwargs)
+            Trainer(logger=False, inference_mode=False).predict(module, datamodule=_data(tmp_path, probe_files))
+        assert "\n" not in str(error.value)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(Exception, match="empty|no .* texts") as error:
+        data = TextDataModule(dataset="empty", source="local", train_file=str(empty), test_file=str(empty),
+                              cache_dir=str(tmp_path / "cache"))
+        data.prepare_data()
+        data.setup()
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "x").exists()
