@@ -63,6 +63,12 @@ def test_fit_then_test_every_layer_and_head(tiny_bert_dir, probe_files, tmp_path
     assert [(r["probe"], r["layer"], r["test_acc"]) for r in retested] == [(r["probe"], r["layer"], r["test_acc"]) for r in rows]
     main(["validate", *args, "--data.layers=[1]"])
 
+    capsys.readouterr()
+    main(["report", f"--results=[{results}]", f"--out_dir={tmp_path / 'report'}"])
+    report = tmp_path / "report" / "report.md"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(report)
+    assert "probe_toy_mean.png" in report.read_text() and (tmp_path / "report" / "probe_toy_mean.png").exists()
+
 
 def test_test_without_a_fitted_probe_says_so(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
