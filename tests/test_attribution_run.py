@@ -66,6 +66,8 @@ def test_attribute_writes_counts_and_provenance(tmp_path, probe_files, tiny_bert
     assert summary["kinds"]["intermediate"] == {"side": "intermediate", "num_layers": 2, "num_neurons": 64}
     assert {"torch", "transformers", "dkacq"} <= set(summary["versions"])
     assert (tmp_path / "out" / "heatmap@0.1.png").exists()
+    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["model"]["steps"] == 3
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def _counts_of(tmp_path, name, preset, probe_files, devices):

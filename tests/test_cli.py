@@ -56,6 +56,7 @@ def test_fit_then_test_every_layer_and_head(tiny_bert_dir, probe_files, tmp_path
         assert saved["epoch"] == int(row["best_epoch"])
         assert (tmp_path / "run" / row["predictions"]).exists()
     assert (tmp_path / "run" / "tensorboard").is_dir()
+    assert (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "config.yaml").exists()
 
     main(["test", *args])
     with open(results) as file:

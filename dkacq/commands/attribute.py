@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import matplotlib.image
 from lightning.pytorch import Trainer
@@ -10,6 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from dkacq.attribution.module import AttributionModule
 from dkacq.attribution.throughput import TextThroughputBar
+from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.data.text_datamodule import TextDataModule
 from dkacq.encoders.presets import PRESETS, get_preset
 from dkacq.report.figures import plot_attribution_heatmaps
@@ -19,6 +21,11 @@ class DkacqTrainer(Trainer):
     def attribute(self, model: AttributionModule, datamodule: TextDataModule | None = None) -> None:
         """Integrated-gradients attribution of a preset's MLP neurons over a text set."""
         self.predict(model, datamodule=datamodule, return_predictions=False)
+
+
+class SaveAttributionConfig(SaveConfigBesideOutputs):
+    def output_folder(self, trainer, pl_module) -> Path:
+        return pl_module.output_path
 
 
 class AttributionCLI(LightningCLI):
@@ -86,8 +93,8 @@ def run(args: list[str]) -> AttributionCLI:
         AttributionModule,
         TextDataModule,
         trainer_class=DkacqTrainer,
+        save_config_callback=SaveAttributionConfig,
         seed_everything_default=42,
-        save_config_kwargs={"overwrite": True},
         trainer_defaults={"inference_mode": False, "logger": False},
         args=expand_model_shorthand(args),
     )

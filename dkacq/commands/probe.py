@@ -9,12 +9,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.data.probe_datamodule import ProbeDataModule
 from dkacq.probe.heads import Head
 from dkacq.probe.linear_probe import LinearProbe
 from dkacq.probe.results import ProbeResults, cell_name, probe_cell
 
 CHECKPOINT_ROOT = Path("checkpoints")
+
+
+class SaveProbeConfig(SaveConfigBesideOutputs):
+    def output_folder(self, trainer, pl_module) -> Path:
+        results = next(callback for callback in trainer.callbacks if isinstance(callback, ProbeResults))
+        return results.run_dir
 
 
 class ProbeCLI(LightningCLI):
@@ -104,8 +111,8 @@ def run(args: list[str]) -> ProbeCLI:
     return ProbeCLI(
         LinearProbe,
         ProbeDataModule,
+        save_config_callback=SaveProbeConfig,
         seed_everything_default=42,
-        save_config_kwargs={"overwrite": True},
         trainer_defaults={"max_epochs": 30, "deterministic": True},
         args=args,
     )
