@@ -5,7 +5,7 @@
 The 7B models of the study are attributed in bf16 (their GPU runs); this measures what that costs on
 a model small enough to run both ways. Printed: the Spearman rank correlation of the neuron scores
 (all neurons of all modules, per text, then the mean and the worst text; and pooled over texts after
-the per-text normalisation), and the Jaccard agreement of the active sets, (text, neuron) pairs
+the per-text normalisation), their relative difference, and the Jaccard agreement of the active sets, (text, neuron) pairs
 active in one run against the other, at thresholds 0.1 and 0.2, with the count of neurons whose
 active-text count differs.
 """
@@ -32,6 +32,7 @@ THRESHOLDS = (0.1, 0.2)
 def scores_in(dtype: torch.dtype, texts: list[str]) -> torch.Tensor:
     """Normalised scores ``[texts, all neurons]`` (modules concatenated in layer order) with the model in ``dtype``."""
     encoder, _ = load_encoders(get_preset("minilm"), dtype=dtype)
+    assert next(encoder.transformer.parameters()).dtype == dtype
     scores = neuron_scores(encoder, encoder.tokenize(texts), find_targets(encoder.transformer))
     assert all(value.dtype == torch.float32 for value in scores.values())
     return torch.cat(list(normalize_per_text(scores).values()), dim=1)
@@ -51,6 +52,9 @@ def main() -> None:
     print(f"all-MiniLM-L6-v2, {len(texts)} texts, {full.shape[1]} neurons per text, bf16 against fp32")
     print(f"Spearman of scores: mean over texts {sum(per_text) / len(per_text):.4f}, worst text "
           f"{min(per_text):.4f}, pooled (normalised) {pooled:.4f}")
+    relative = ((half - full).abs() / full.abs().clamp_min(1e-12))[full > 0.01]
+    print(f"relative score difference where the fp32 normalised score exceeds 0.01: median "
+          f"{float(relative.median()):.1e}, 99th percentile {float(relative.quantile(0.99)):.1e}")
     full_masks = active_masks({"all": full}, THRESHOLDS)
     half_masks = active_masks({"all": half}, THRESHOLDS)
     for threshold in THRESHOLDS:

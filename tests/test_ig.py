@@ -8,7 +8,7 @@ from captum.attr import IntegratedGradients
 from torch.func import functional_call
 
 from dkacq.attribution.ig import alphas_and_weights, neuron_scores, path_attributions
-from dkacq.attribution.targets import find_targets
+from dkacq.attribution.targets import architecture_family, find_targets
 from dkacq.encoders.loading import load_encoders
 from dkacq.encoders.text_encoder import TextEncoder
 
@@ -76,21 +76,21 @@ def pooled_norm(encoder: TextEncoder, batch: dict, parameters: dict[str, torch.T
     return encoder.pool(output.last_hidden_state, batch["attention_mask"]).norm(dim=-1)
 
 
-def naive_scores(encoder: TextEncoder, batch: dict, rule: str, steps: int) -> dict[str, torch.Tensor]:
-    """SPEC section 4 literally: per text (batch 1), per target, per alpha: W' = alpha W, b' = alpha b,
-    forward, gradient of F with respect to W', accumulate; A = W * sum; s_i = sum_j |A_ij|."""
+def naive_scores(encoder: TextEncoder, texts: list[str], targets: list, rule: str, steps: int) -> dict[str, torch.Tensor]:
+    """SPEC section 4 literally: per text (batch 1, tokenized alone), per target, per alpha: W' = alpha W,
+    b' = alpha b, forward, gradient of F with respect to W', accumulate; A = W * sum; s_i = sum_j |A_ij|."""
     alphas, weights = alphas_and_weights(rule, steps)
     scores = {}
-    for target in find_targets(encoder.transformer):
+    for target in targets:
         weight = target.module.weight
         per_text = []
-        for row in range(batch["input_ids"].shape[0]):
-            text = {key: value[row : row + 1] for key, value in batch.items()}
+        for text in texts:
+            batch = encoder.tokenize([text])
             gradient_sum = torch.zeros_like(weight)
             for alpha, step_weight in zip(alphas.tolist(), weights.tolist()):
                 parameters = scaled_parameters(target, alpha)
                 scaled_weight = parameters[f"{target.name}.weight"].requires_grad_()
-                f = pooled_norm(encoder, text, parameters)
+                f = pooled_norm(encoder, batch, parameters)
                 (gradient,) = torch.autograd.grad(f.sum(), scaled_weight)
                 gradient_sum += step_weight * gradient
             per_text.append((weight * gradient_sum).abs().sum(dim=-1))
@@ -114,54 +114,52 @@ def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, tolera
         ("bert", "cls", "right"),
         ("llama", "eos", "right"),
         ("llama", "eos", "left"),
-        ("llama", "eos_reference", "right"),
+        ("llama", "eos_reference", "max_length"),
     ],
 )
 @pytest.mark.parametrize("rule", ["reference", "riemann_right"])
 def test_batched_scores_equal_the_published_loop(request, family, pooling, side, rule):
-    """``eos_reference`` pools at the last position, padding for the shorter texts: there the padding's
-    contribution is part of the published scores and must be reproduced too.
-    """
+    """A padded batch against the loop over texts tokenized alone, for every kind of module of the family
+    (Llama's ``up_proj`` too). ``eos_reference`` pads to the maximum length and pools at the last
+    position, padding for all these texts: the padding's contribution is part of the published scores."""
     encoder = encoder_for(request.getfixturevalue(f"tiny_{family}_preset"), pooling)
-    batch = padded_batch(encoder, TEXTS, side)
+    batch = encoder.tokenize(TEXTS) if side == "max_length" else padded_batch(encoder, TEXTS, side)
     assert batch["attention_mask"].min() == 0
-    targets = find_targets(encoder.transformer)
+    targets = find_targets(encoder.transformer, list(architecture_family(encoder.transformer).kinds))
     scores = neuron_scores(encoder, batch, targets, rule=rule, steps=20)
-    expected = naive_scores(encoder, batch, rule, steps=20)
+    expected = naive_scores(encoder, TEXTS, targets, rule, steps=20)
     assert list(scores) == [target.name for target in targets]
     for name, value in expected.items():
         assert scores[name].dtype == torch.float64
         assert_relatively_close(scores[name], value, 1e-9)
 
 
-@pytest.mark.parametrize("steps_per_pass", [1, 2])
-def test_splitting_the_steps_into_passes_changes_nothing(tiny_llama_preset, steps_per_pass):
+@pytest.mark.parametrize("replicas_per_pass", [1, 2, 7, 100])
+def test_splitting_the_replicas_into_passes_changes_nothing(tiny_llama_preset, replicas_per_pass):
+    """1 and 2: a text's steps over several passes; 7: one text per pass; 100: all texts in one pass."""
     encoder = encoder_for(tiny_llama_preset)
     batch = padded_batch(encoder, TEXTS, "left")
     targets = find_targets(encoder.transformer, ["gate_proj", "up_proj", "down_proj"])
     whole = neuron_scores(encoder, batch, targets, steps=5)
-    split = neuron_scores(encoder, batch, targets, steps=5, steps_per_pass=steps_per_pass)
+    split = neuron_scores(encoder, batch, targets, steps=5, replicas_per_pass=replicas_per_pass)
     for name in whole:
         assert_relatively_close(split[name], whole[name], 1e-12)
 
 
-@pytest.mark.parametrize(
-    "family, side, tolerance", [("bert", "right", 1e-9), ("llama", "right", 1e-9), ("llama", "left", 1e-6)]
-)
-def test_a_texts_scores_do_not_depend_on_its_batch(request, family, side, tolerance):
-    """Alone (no padding) or padded among others, a text gets the same scores.
-
-    BERT is checked with right padding only: left padding shifts its absolute positions. Llama's
-    rotary tables are computed in float32 whatever the model's dtype, so a left-padded text (whose
-    positions shift) agrees to float32 rounding only.
-    """
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("replicas_per_pass", [None, 12])
+def test_a_texts_scores_do_not_depend_on_its_batch(request, family, side, replicas_per_pass):
+    """Alone or padded among others (on either side, one text per pass or all three in one), a text
+    gets the same scores: passes re-collate their own texts."""
     encoder = encoder_for(request.getfixturevalue(f"tiny_{family}_preset"))
     targets = find_targets(encoder.transformer)
     alone = [neuron_scores(encoder, encoder.tokenize([text]), targets, steps=4) for text in TEXTS]
-    together = neuron_scores(encoder, padded_batch(encoder, TEXTS, side), targets, steps=4)
+    batch = padded_batch(encoder, TEXTS, side)
+    together = neuron_scores(encoder, batch, targets, steps=4, replicas_per_pass=replicas_per_pass)
     for row, scores in enumerate(alone):
         for name, value in scores.items():
-            assert_relatively_close(together[name][row : row + 1], value, tolerance)
+            assert_relatively_close(together[name][row : row + 1], value, 1e-9)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -259,3 +257,9 @@ def test_targets_of_each_family(tiny_bert_preset, tiny_llama_preset):
         ("down_proj", "output", 0),
     ]
     assert [t.kind for t in find_targets(encoder_for(tiny_llama_preset).transformer)] == ["gate_proj", "down_proj"] * 2
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(ValueError) as error:
+        find_targets(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert "Sequential" in one_line_error(error)

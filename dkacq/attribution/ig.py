@@ -46,11 +46,11 @@ replicas in one growing pass; replicas from the target's output (this module) 18
 the scores are accumulated in float32 (float64 when the model runs in float64), so a bf16 model is
 attributed with fp32 sums.
 
-**Memory.** A pass keeps the autograd activations of ``steps_per_pass x texts x tokens`` rows for
-every layer from the target's to the top: per row and layer roughly ``10 hidden + 3 intermediate +
-heads x tokens`` values (all-MiniLM-L6-v2, 8 texts x 55 tokens, 20 steps: about 0.5 GB for a layer-0
-target in float32). Besides that, ``texts x tokens x (out + in)`` accumulators and one
-``texts x out x in`` attribution for the target in progress.
+**Memory.** A pass keeps the autograd activations of its replica rows (texts x steps, at most
+``replicas_per_pass``), each ``tokens`` long, for every layer from the target's to the top: per row,
+token and layer roughly ``10 hidden + 3 intermediate + heads x tokens`` values. Besides that, one
+``texts x tokens x (out + in)`` accumulator and one ``texts x out x in`` attribution for the target
+in progress.
 """
 
 from collections.abc import Iterator
@@ -112,7 +112,7 @@ def neuron_scores(
     targets: list[Target],
     rule: PathRule = "reference",
     steps: int = 20,
-    steps_per_pass: int | None = None,
+    replicas_per_pass: int | None = None,
 ) -> dict[str, Tensor]:
     """Target name -> neuron scores ``[num_texts, num_neurons]`` of a batch of texts, for all targets.
 
@@ -121,7 +121,7 @@ def neuron_scores(
     """
     return {
         target.name: attribution.neuron_scores()
-        for target, attribution in path_attributions(encoder, batch, targets, rule, steps, steps_per_pass)
+        for target, attribution in path_attributions(encoder, batch, targets, rule, steps, replicas_per_pass)
     }
 
 
@@ -131,42 +131,47 @@ def path_attributions(
     targets: list[Target],
     rule: PathRule = "reference",
     steps: int = 20,
-    steps_per_pass: int | None = None,
+    replicas_per_pass: int | None = None,
 ) -> Iterator[tuple[Target, PathAttribution]]:
     """Signed attributions of every target's weight and bias, one target at a time, in ``targets`` order.
 
     ``targets`` come from :func:`dkacq.attribution.targets.find_targets` on ``encoder.transformer``.
-    ``steps_per_pass`` caps the alphas replicated in one forward/backward pass (the memory knob, see
-    the module docstring); ``None`` runs all steps at once. Any split gives the same sums. The
-    transformer must be in eval mode, outside ``torch.inference_mode``.
+    ``replicas_per_pass`` is the number of (text, alpha) replicas in one forward and backward pass:
+    by default one text's ``steps``; a multiple of ``steps`` batches that many texts of similar length
+    per pass (for GPUs), a smaller number splits a text's steps over several passes (less memory).
+    Any split gives the same sums. The transformer must be in eval mode, outside
+    ``torch.inference_mode``.
     """
     alphas, weights = alphas_and_weights(rule, steps)
-    if steps_per_pass is not None and steps_per_pass < 1:
-        raise ValueError(f"steps_per_pass must be at least 1, got {steps_per_pass}")
+    if replicas_per_pass is not None and replicas_per_pass < 1:
+        raise ValueError(f"replicas_per_pass must be at least 1, got {replicas_per_pass}")
+    replicas_per_pass = replicas_per_pass or steps
     transformer = encoder.transformer
     _check_ready(transformer, targets)
     family = architecture_family(transformer)
     blocks = family.layer_stack(transformer)
     final = family.final_module(transformer)
-    attention_mask = batch["attention_mask"]
-    block_calls = _record_block_calls(transformer, blocks, batch["input_ids"], attention_mask)
+    groups = _text_groups(encoder, blocks, batch, texts_per_pass=max(1, replicas_per_pass // steps))
+    step_chunks = torch.arange(steps).split(min(steps, replicas_per_pass))
     accumulate = accumulation_dtype(next(transformer.parameters()).dtype)
-    weights = weights.to(attention_mask.device, accumulate)
-    step_chunks = torch.arange(steps).split(steps_per_pass or steps)
+    device = batch["input_ids"].device
+    weights = weights.to(device, accumulate)
+    num_texts = batch["input_ids"].shape[0]
 
     for target in targets:
-        gradient_sum = module_input = None
-        for chunk in step_chunks:
-            gradients, module_input = _replica_pass(
-                encoder, blocks, final, block_calls, target, alphas[chunk], attention_mask
-            )
-            weighted = torch.tensordot(weights[chunk], gradients.to(accumulate), dims=1)
-            gradient_sum = weighted if gradient_sum is None else gradient_sum + weighted
-        weight_gradient = gradient_sum.transpose(1, 2) @ module_input.to(accumulate)
-        bias = target.module.bias
+        module = target.module
+        weight_gradient = torch.zeros(num_texts, module.out_features, module.in_features, dtype=accumulate, device=device)
+        bias_gradient = torch.zeros(num_texts, module.out_features, dtype=accumulate, device=device)
+        for group in groups:
+            gradient_sum = 0
+            for step_indices in step_chunks:
+                gradients, module_input = _replica_pass(encoder, blocks, final, group, target, alphas[step_indices])
+                gradient_sum = gradient_sum + torch.tensordot(weights[step_indices], gradients.to(accumulate), dims=1)
+            weight_gradient[group.texts] = gradient_sum.transpose(1, 2) @ module_input.to(accumulate)
+            bias_gradient[group.texts] = gradient_sum.sum(dim=1)
         yield target, PathAttribution(
-            weight=target.module.weight.to(accumulate) * weight_gradient,
-            bias=None if bias is None else bias.to(accumulate) * gradient_sum.sum(dim=1),
+            weight=module.weight.to(accumulate) * weight_gradient,
+            bias=None if module.bias is None else module.bias.to(accumulate) * bias_gradient,
         )
 
 
@@ -182,7 +187,7 @@ def _check_ready(transformer: nn.Module, targets: list[Target]) -> None:
 
 @dataclass(frozen=True)
 class _BlockCall:
-    """The arguments one layer received in the plain pass, replayable on replica rows.
+    """The arguments one layer received in a plain pass, replayable on replica rows.
 
     The hidden state is the first positional argument (as BERT and Llama layers are called).
     """
@@ -194,23 +199,28 @@ class _BlockCall:
     def hidden(self) -> Tensor:
         return self.args[0]
 
-    def run(self, block: nn.Module, hidden: Tensor, rows: Tensor | None = None, memo: dict | None = None) -> Tensor:
-        """The layer on ``hidden``; with ``rows`` (text of each row), per-text arguments selected to match."""
-        args, kwargs = self.args[1:], self.kwargs
-        if rows is not None:
-            memo = {} if memo is None else memo
-            num_texts = self.hidden.shape[0]
-            args = tuple(_select_rows(value, rows, num_texts, memo) for value in args)
-            kwargs = {key: _select_rows(value, rows, num_texts, memo) for key, value in kwargs.items()}
-        output = block(hidden, *args, **kwargs)
-        return output[0] if isinstance(output, tuple) else output
+    def run(self, block: nn.Module) -> Tensor:
+        """The layer on the arguments it received."""
+        return _hidden_output(block(*self.args, **self.kwargs))
+
+    def run_on_rows(self, block: nn.Module, hidden: Tensor, rows: Tensor, memo: dict[int, Any]) -> Tensor:
+        """The layer on ``hidden``, whose row ``r`` belongs to text ``rows[r]``: per-text arguments are
+        selected to match (``memo`` shares the selections between layers)."""
+        num_texts = self.hidden.shape[0]
+        args = tuple(_select_rows(value, rows, num_texts, memo) for value in self.args[1:])
+        kwargs = {key: _select_rows(value, rows, num_texts, memo) for key, value in self.kwargs.items()}
+        return _hidden_output(block(hidden, *args, **kwargs))
+
+
+def _hidden_output(output: Tensor | tuple) -> Tensor:
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _select_rows(value: Any, rows: Tensor, num_texts: int, memo: dict[int, Any]) -> Any:
     """Per-text tensors (leading dimension = number of texts) row-selected; anything else as is.
 
     Tensors whose leading 1 is a broadcast, not the batch (rotary tables), broadcast already; with a
-    single text they are selected too, which is harmless. ``memo`` shares a selection between layers.
+    single text they are selected too, which is harmless.
     """
     if isinstance(value, (tuple, list)):
         return type(value)(_select_rows(item, rows, num_texts, memo) for item in value)
@@ -221,9 +231,43 @@ def _select_rows(value: Any, rows: Tensor, num_texts: int, memo: dict[int, Any])
     return value
 
 
-def _record_block_calls(
-    transformer: nn.Module, blocks: nn.ModuleList, input_ids: Tensor, attention_mask: Tensor
-) -> list[_BlockCall]:
+@dataclass(frozen=True)
+class _TextGroup:
+    """Texts attributed in the same passes, collated on their own, with their plain pass recorded."""
+
+    texts: Tensor
+    """Their rows in the caller's batch."""
+    attention_mask: Tensor
+    block_calls: list[_BlockCall]
+
+
+def _text_groups(encoder: TextEncoder, blocks: nn.ModuleList, batch: dict[str, Tensor], texts_per_pass: int) -> list[_TextGroup]:
+    """The batch's texts, shortest first, in groups of ``texts_per_pass``, each re-collated by the encoder.
+
+    A group holds only its own texts' tokens (plus the padding the encoder itself adds, which for
+    ``eos_reference`` is part of the published input), so padding for longer texts of the batch costs
+    no compute, and a text's scores do not depend on the other texts of the batch.
+    """
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    token_ids = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
+    order = sorted(range(len(token_ids)), key=lambda text: len(token_ids[text]))
+    groups = []
+    for start in range(0, len(order), texts_per_pass):
+        members = order[start : start + texts_per_pass]
+        collated = {
+            key: value.to(input_ids.device) for key, value in encoder.collate([token_ids[i] for i in members]).items()
+        }
+        groups.append(
+            _TextGroup(
+                texts=torch.tensor(members, device=input_ids.device),
+                attention_mask=collated["attention_mask"],
+                block_calls=_record_block_calls(encoder.transformer, blocks, collated),
+            )
+        )
+    return groups
+
+
+def _record_block_calls(transformer: nn.Module, blocks: nn.ModuleList, batch: dict[str, Tensor]) -> list[_BlockCall]:
     """One forward without replicas: the arguments of every layer."""
     block_calls: list[_BlockCall] = [None] * len(blocks)
 
@@ -236,7 +280,7 @@ def _record_block_calls(
     handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         with torch.no_grad():
-            transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -247,18 +291,17 @@ def _replica_pass(
     encoder: TextEncoder,
     blocks: nn.ModuleList,
     final: nn.Module,
-    block_calls: list[_BlockCall],
+    group: _TextGroup,
     target: Target,
     alphas: Tensor,
-    attention_mask: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """``g_k = dF_k/dY'_k`` ``[len(alphas), texts, tokens, out]`` and the module's input ``X`` ``[texts, tokens, in]``.
+    """``g_k = dF_k/dY'_k`` ``[len(alphas), texts, tokens, out]`` and the module's input ``X``
+    ``[texts, tokens, in]`` for the texts of ``group``.
 
     Runs the target's layer on the texts, with the target's output replicated as ``alpha_k Y``, and the
     layers above it on the flattened replicas (see the module docstring).
     """
-    call = block_calls[target.layer]
-    num_texts = call.hidden.shape[0]
+    call = group.block_calls[target.layer]
     captured: dict[str, Tensor] = {}
 
     def replicate_scaled(module, args, output):
@@ -269,18 +312,18 @@ def _replica_pass(
     handle = target.module.register_forward_hook(replicate_scaled)
     try:
         with torch.enable_grad():
-            hidden = call.run(blocks[target.layer], call.hidden)
+            hidden = call.run(blocks[target.layer])
             if hidden.shape != (len(alphas), *call.hidden.shape):
                 raise RuntimeError(
                     f"layer {target.layer} did not broadcast the replicas of '{target.name}' to its output "
                     f"(got shape {tuple(hidden.shape)}); chunked feed-forward is not supported"
                 )
-            rows = torch.arange(num_texts, device=hidden.device).repeat(len(alphas))
+            rows = torch.arange(call.hidden.shape[0], device=hidden.device).repeat(len(alphas))
             hidden = hidden.flatten(0, 1)
             memo: dict[int, Any] = {}
             for index in range(target.layer + 1, len(blocks)):
-                hidden = block_calls[index].run(blocks[index], hidden, rows, memo)
-            pooled = encoder.pool(final(hidden), attention_mask.index_select(0, rows))
+                hidden = group.block_calls[index].run_on_rows(blocks[index], hidden, rows, memo)
+            pooled = encoder.pool(final(hidden), group.attention_mask.index_select(0, rows))
             norms = pooled.to(accumulation_dtype(pooled.dtype)).norm(dim=-1)
             (gradients,) = torch.autograd.grad(norms.sum(), captured["output"])
     finally:

@@ -52,8 +52,9 @@ class AttributionModule(LightningModule):
                 (k / steps, the textbook right Riemann sum, as Captum).
             steps: points on the integration path (the study: 20).
             max_length: token limit per text (the study: 256).
-            replicas_per_pass: cap on (text, module, alpha) replicas in one forward and backward pass,
-                to bound memory; all of a layer's at once when not given.
+            replicas_per_pass: (text, alpha) replicas in one forward and backward pass: one text's
+                ``steps`` when not given; a multiple of ``steps`` batches that many texts per pass (for
+                GPUs), fewer splits a text's alphas over passes (less memory; the same numbers).
             output_dir: where counts, summary and figures go; default
                 ``runs/attribution/<dataset>-<preset>-<text side>``.
         """
