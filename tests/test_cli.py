@@ -50,13 +50,14 @@ def test_fit_then_test_every_layer_and_head(tiny_bert_dir, probe_files, tmp_path
     ]
     assert {row["model"] for row in rows} == {Path(tiny_bert_dir).name}
     for row in rows:
-        checkpoint = tmp_path / "checkpoints" / "run" / f"toy-{row['model']}-mean-N3-{row['probe']}-layer{int(row['layer']):02d}" / "best.ckpt"
+        name = f"toy-{row['model']}-mean-N3-{row['probe']}-layer{int(row['layer']):02d}-{row['cell_id']}"
+        (checkpoint,) = (tmp_path / "checkpoints").glob(f"run-*/{name}/best.ckpt")
         saved = torch.load(checkpoint, weights_only=False)
         assert saved["hyper_parameters"]["head"] == row["probe"]
         assert saved["epoch"] == int(row["best_epoch"])
         assert (tmp_path / "run" / row["predictions"]).exists()
     assert (tmp_path / "run" / "tensorboard").is_dir()
-    assert (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "config.yaml").exists()
+    assert len(list((tmp_path / "run" / "configs").glob("*.yaml"))) == 1 and not (tmp_path / "config.yaml").exists()
 
     main(["test", *args])
     with open(results) as file:
@@ -89,4 +90,4 @@ def test_print_config_shows_every_option_with_its_help(capsys):
     printed = capsys.readouterr().out
     assert "scale every dimension of the query and passage vectors" in printed
     assert "Probe heads to run, each on every layer" in printed
-    assert "leave out cells that already have a row" in printed
+    assert "leave out cells that ``results.csv`` holds from the same settings" in printed

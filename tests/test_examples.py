@@ -2,13 +2,16 @@
 
 import gzip
 import json
+import logging
+import os
 import random
+import shutil
 
 import datasets
 import pytest
 
 from dkacq.data import examples
-from dkacq.data.examples import EXAMPLE_COLUMNS, ProbeDataError, load_probe_set
+from dkacq.data.examples import EXAMPLE_COLUMNS, ProbeDataError, load_probe_set, read_probe_set
 
 
 def ctx(title: str, text: str) -> dict:
@@ -303,3 +306,117 @@ def test_bad_arguments(kwargs, part):
     with pytest.raises(ProbeDataError) as error:
         load_probe_set(**kwargs)
     assert_one_line(error, part)
+
+
+def warnings_of(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "dkacq" and r.levelno == logging.WARNING]
+
+
+def test_dpr_dropped_records_are_counted_per_split_and_reason(dpr_files, caplog):
+    train, test = dpr_files
+    with caplog.at_level(logging.WARNING, logger="dkacq"):
+        read = read_probe_set("dpr", str(train), str(test))
+    # train: q1 has an empty hard_negative_ctxs; test: q4 has an empty positive_ctxs
+    assert read.dropped == {
+        "train": {"no_positive": 0, "no_negative": 1},
+        "test": {"no_positive": 1, "no_negative": 0},
+    }
+    assert read.sources == {"train": "biencoder-nq-adv-hn-train.json", "test": "biencoder-nq-dev.json"}
+    assert read.overlapping_questions == 0
+    assert warnings_of(caplog) == [
+        "biencoder-nq-adv-hn-train.json (train split): records dropped for having no positive: 0, no negative: 1",
+        "biencoder-nq-dev.json (test split): records dropped for having no positive: 1, no negative: 0",
+    ]
+
+
+def test_a_record_with_neither_positive_nor_negative_counts_as_no_positive(tmp_path):
+    train, test = tmp_path / "train.json", tmp_path / "dev.json"
+    train.write_text(json.dumps([dpr_record("a", [], []), dpr_record("b", ["P"], ["N"]), dpr_record("c", [], [])]))
+    test.write_text(json.dumps([dpr_record("d", ["P"], ["N"])]))
+    read = read_probe_set("dpr", str(train), str(test))
+    assert read.dropped["train"] == {"no_positive": 2, "no_negative": 0}
+
+
+def test_msmarco_dropped_rows_are_counted(tmp_path, caplog):
+    train, test = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train_rows = [
+        msmarco_row("m0", [0, 1, 0], ["a0", "a1", "a2"]),
+        msmarco_row("m1", [0, 0], ["b0", "b1"]),  # nothing selected
+        msmarco_row("m2", [1, 1], ["c0", "c1"]),  # everything selected
+        msmarco_row("m3", [0, 0, 0], ["d0", "d1", "d2"]),  # nothing selected
+    ]
+    train.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
+    test.write_text(json.dumps(msmarco_row("m4", [1, 0], ["e0", "e1"])) + "\n")
+    with caplog.at_level(logging.WARNING, logger="dkacq"):
+        read = read_probe_set("msmarco", str(train), str(test))
+    assert read.dropped == {
+        "train": {"no_positive": 2, "no_negative": 1},
+        "test": {"no_positive": 0, "no_negative": 0},
+    }
+    assert warnings_of(caplog) == ["train.jsonl (train split): records dropped for having no positive: 2, no negative: 1"]
+
+
+def test_questions_in_both_splits_are_counted_and_warned_about(tmp_path, caplog):
+    train_rows, test_rows = example_rows("tr", 5), example_rows("te", 4)
+    for row, question in zip(train_rows, ["who", "what", "what", "when", "why"]):
+        row["question"] = question
+    for row, question in zip(test_rows, ["what", "when", "when", "how"]):
+        row["question"] = question
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in train_rows))
+    test.write_text("".join(json.dumps(row) + "\n" for row in test_rows))
+    with caplog.at_level(logging.WARNING, logger="dkacq"):
+        read = read_probe_set("local", str(train), str(test))
+    assert read.overlapping_questions == 2  # "what" and "when", each counted once
+    assert read.dropped == {split: {"no_positive": 0, "no_negative": 0} for split in ("train", "test")}
+    assert warnings_of(caplog) == ["distinct questions in both train (train.jsonl) and test (test.jsonl): 2"]
+
+
+def test_load_probe_set_still_returns_the_examples_alone(dpr_files):
+    train, test = dpr_files
+    probe_set = load_probe_set("dpr", str(train), str(test))
+    assert isinstance(probe_set, datasets.DatasetDict)
+    assert rows_of(probe_set["test"]) == as_rows(HAND_WORKED["test"])
+
+
+def same_file_pair(kind: str, tmp_path, train):
+    """A (train, test) pair that is one file, spelled or linked differently, or a copy of it."""
+    if kind == "same path":
+        return str(train), str(train)
+    if kind == "another spelling":
+        return str(train), str(tmp_path / "." / ".." / tmp_path.name / train.name)
+    if kind == "symlink":
+        os.symlink(train, tmp_path / "link.json")
+        return str(train), str(tmp_path / "link.json")
+    copy = tmp_path / "copy" / train.name
+    copy.parent.mkdir()
+    shutil.copyfile(train, copy)
+    return str(train), str(copy)
+
+
+@pytest.mark.parametrize("kind", ["same path", "another spelling", "symlink", "copy"])
+@pytest.mark.parametrize("format", ["dpr", "local", "msmarco", "published"])
+def test_one_file_as_train_and_test_is_refused_before_reading(dpr_files, tmp_path, monkeypatch, kind, format):
+    train, _ = dpr_files
+    first, second = same_file_pair(kind, tmp_path, train)
+
+    def must_not_read(*args, **kwargs):
+        raise AssertionError("the file was read")
+
+    for reader in ("_dpr_split", "_read_table"):
+        monkeypatch.setattr(examples, reader, must_not_read)
+    with pytest.raises(ProbeDataError) as error:
+        load_probe_set(format, first, second)
+    if kind == "copy":
+        assert str(error.value) == f"{first} and {second}: train= and test= have identical content"
+    else:
+        assert str(error.value) == f"{first} and {second}: train= and test= are the same file ({train.resolve()})"
+
+
+def test_files_of_equal_size_but_different_content_are_accepted(tmp_path):
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(row) + "\n" for row in example_rows("aa", 3)))
+    test.write_text("".join(json.dumps(row) + "\n" for row in example_rows("bb", 3)))
+    assert train.stat().st_size == test.stat().st_size
+    probe_set = load_probe_set("local", str(train), str(test))
+    assert rows_of(probe_set["test"]) == example_rows("bb", 3)

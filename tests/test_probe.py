@@ -13,6 +13,7 @@ from dkacq.data.probe_datamodule import ProbeDataModule
 from dkacq.encoders.cache import CacheMismatchError
 from dkacq.probe.heads import build_head
 from dkacq.probe.linear_probe import LinearProbe
+from dkacq.formats.results import ProbeCell
 from dkacq.probe.results import ProbeResults
 
 
@@ -76,6 +77,7 @@ def test_tested_checkpoint_is_the_best_validation_epoch(tmp_path, probe_files, t
     data = _data(tmp_path, probe_files, model=str(tiny_bert_dir), layers=[2], num_passages=3)
     probe = LinearProbe("concat", learning_rate=0.05, num_passages=3)
     recorder, results = EpochRecorder(), ProbeResults(str(tmp_path / "run"))
+    results.cell = ProbeCell("toy", "tiny", "mean", 3, 2, "concat", {"test": "best epoch"})
     trainer = Trainer(
         max_epochs=12, logger=False, enable_progress_bar=False,
         callbacks=[ModelCheckpoint(tmp_path / "ckpt", monitor="val/acc", mode="max", filename="best"), recorder, results],
@@ -129,9 +131,10 @@ def test_cache_of_another_pooling_is_refused(tmp_path, probe_files, tiny_bert_di
 def test_bad_dpr_file_leaves_nothing_behind(tmp_path, tiny_bert_dir, content, message):
     from dkacq.data.examples import ProbeDataError
 
-    bad = tmp_path / "bad.json"
+    bad, test = tmp_path / "bad.json", tmp_path / "test.json"
     bad.write_text(content)
-    data = _data(tmp_path, (str(bad), str(bad)), model=str(tiny_bert_dir), source="dpr")
+    test.write_text("[]")
+    data = _data(tmp_path, (str(bad), str(test)), model=str(tiny_bert_dir), source="dpr")
     with pytest.raises(ProbeDataError, match=message) as error:
         data.prepare_data()
     assert "\n" not in str(error.value) and "bad.json" in str(error.value)

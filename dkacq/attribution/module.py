@@ -1,7 +1,6 @@
 """AttributionModule: integrated-gradients neuron scores of a text set, counted per threshold."""
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,11 +11,17 @@ from safetensors.torch import save_file
 from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds, counts_to_tensors
 from dkacq.attribution.ig import PathRule, neuron_scores
 from dkacq.attribution.targets import Target, find_targets
-from dkacq.data.text_datamodule import TextSide
-from dkacq.encoders.loading import load_encoders
+from dkacq.data.text_datamodule import TextDataModule, TextSide
+from dkacq.encoders.loading import load_encoders, weights_identity
 from dkacq.encoders.presets import PRESETS, EncoderPreset
 from dkacq.encoders.text_encoder import TextEncoder
+from dkacq.formats.atomic import atomic_write, atomic_write_text
+from dkacq.formats.identity import differences, plain
 from dkacq.provenance import package_versions
+
+
+class AttributionConflictError(ValueError):
+    """An output folder holds attribution results of other settings."""
 
 
 class AttributionModule(LightningModule):
@@ -25,7 +30,9 @@ class AttributionModule(LightningModule):
     Run it with ``Trainer.predict`` (``dkacq attribute``) and ``inference_mode=False``: the scores need
     gradients. The counts are a torchmetrics state summed across devices; rank zero writes
     ``summary.json`` and then ``counts.safetensors`` (each under a temporary name, renamed when
-    complete) into ``output_dir`` when the text set is done: counts present means the run is done.
+    complete) into ``output_dir`` when the text set is done. The summary records the run's identity
+    (weights, texts and every option that changes a count): a folder holding counts of other settings
+    is refused before the model is loaded, and counts present under the same identity mean the run is done.
     """
 
     def __init__(
@@ -68,6 +75,53 @@ class AttributionModule(LightningModule):
         self.text_encoder: TextEncoder | None = None
         self.targets: list[Target] = []
         self.counts: ActiveNeuronCounts | None = None
+        self.run_identity: dict | None = None
+
+    @property
+    def source(self):
+        """The weights of the side whose texts are attributed."""
+        return self.preset.query if self.hparams.text_side == "query" else self.preset.passage
+
+    def identity(self, data: TextDataModule | None, precision: str) -> dict:
+        """Everything the counts depend on; ``data`` must be set up (its texts are hashed)."""
+        side_length = self.preset.query_max_length if self.hparams.text_side == "query" else self.preset.passage_max_length
+        return plain({
+            "encoder": asdict(self.preset),
+            "weights": weights_identity(self.source),
+            "texts": data.fingerprint() if data is not None else None,
+            "data": {key: data.hparams[key] for key in ("dataset", "split", "max_examples")} if data is not None else None,
+            "text_side": self.hparams.text_side,
+            "kinds": self.kinds,
+            "thresholds": self.thresholds,
+            "alpha_rule": self.hparams.alpha_rule,
+            "steps": self.hparams.steps,
+            "max_length": min(side_length, self.hparams.max_length),
+            "precision": precision,
+        })
+
+    @staticmethod
+    def finished(folder: Path, identity: dict) -> bool:
+        """Whether ``folder`` holds the finished counts of ``identity``; raises when it holds other settings."""
+        summary = folder / "summary.json"
+        if not summary.exists():
+            return False
+        try:
+            found = json.loads(summary.read_text()).get("identity")
+        except (ValueError, AttributeError):
+            found = None
+        if found != identity:
+            changed = differences(found, identity) if isinstance(found, dict) else "no identity recorded"
+            raise AttributionConflictError(
+                f"{folder} holds attribution counts of other settings ({changed}); "
+                f"give model.output_dir another folder, or remove it"
+            )
+        return (folder / "counts.safetensors").exists()
+
+    def setup(self, stage: str) -> None:
+        """Check the output folder before the model is loaded."""
+        self.run_identity = self.identity(self.trainer.datamodule, str(self.trainer.precision))
+        if self.trainer.is_global_zero:
+            self.finished(self.output_path, self.run_identity)
 
     def configure_model(self) -> None:
         if self.text_encoder is not None:
@@ -91,25 +145,24 @@ class AttributionModule(LightningModule):
         self.counts.update(scores)
         return len(texts)
 
-    @property
-    def output_path(self) -> Path:
+    def output_path_for(self, data: TextDataModule | None) -> Path:
         if self.hparams.output_dir:
             return Path(self.hparams.output_dir)
-        dataset = self.trainer.datamodule.hparams.dataset if self.trainer.datamodule else "texts"
+        dataset = data.hparams.dataset if data is not None else "texts"
         return Path("runs/attribution") / f"{dataset}-{self.preset.name}-{self.hparams.text_side}"
+
+    @property
+    def output_path(self) -> Path:
+        return self.output_path_for(self.trainer.datamodule)
 
     def on_predict_epoch_end(self) -> None:
         counts = self.counts.compute()
         if not self.trainer.is_global_zero:
             return
         folder = self.output_path
-        folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / ".counts.safetensors.partial"
-        save_file(counts_to_tensors(counts), str(temporary))
-        summary = self.summary(counts)
-        (folder / ".summary.json.partial").write_text(json.dumps(summary, indent=2))
-        os.replace(folder / ".summary.json.partial", folder / "summary.json")
-        os.replace(temporary, folder / "counts.safetensors")
+        tensors = counts_to_tensors(counts)
+        atomic_write_text(folder / "summary.json", json.dumps(self.summary(counts), indent=2))
+        atomic_write(folder / "counts.safetensors", lambda temporary: save_file(tensors, str(temporary)))
 
     def summary(self, counts) -> dict:
         """Everything needed to trace and reproduce the counts."""
@@ -138,4 +191,5 @@ class AttributionModule(LightningModule):
             "dtype": str(next(self.text_encoder.transformer.parameters()).dtype).removeprefix("torch."),
             "devices": self.trainer.world_size,
             "versions": package_versions(),
+            "identity": self.run_identity,
         }

@@ -24,8 +24,18 @@ class DkacqTrainer(Trainer):
 
 
 class SaveAttributionConfig(SaveConfigBesideOutputs):
+    """Writes ``config.yaml`` beside the counts when they are written: not at setup, when the output
+    folder has not been checked yet (it may hold another run's results)."""
+
     def output_folder(self, trainer, pl_module) -> Path:
         return pl_module.output_path
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        pass
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.save_config(trainer, pl_module, "predict")
 
 
 class AttributionCLI(LightningCLI):
@@ -82,13 +92,17 @@ def expand_model_shorthand(args: list[str]) -> list[str]:
         if name is not None and (name in PRESETS or name.removesuffix("-random") in PRESETS):
             expanded += ["--config", json.dumps(preset_config(name))]
             position += step
+        elif name is not None and not name.lstrip().startswith("{") and not Path(name).exists():
+            raise ValueError(f"unknown model '{name}'; choose a preset ({', '.join(PRESETS)}) or <preset>-random")
         else:
             expanded.append(argument)
             position += 1
     return expanded
 
 
-def run(args: list[str]) -> AttributionCLI:
+def run(args: list[str], run: bool = True) -> AttributionCLI:
+    """The attribution CLI on ``args``; with ``run=False`` (no subcommand in ``args``) it only parses
+    and instantiates, so that a sweep can check every run before starting any."""
     return AttributionCLI(
         AttributionModule,
         TextDataModule,
@@ -97,4 +111,5 @@ def run(args: list[str]) -> AttributionCLI:
         seed_everything_default=42,
         trainer_defaults={"inference_mode": False, "logger": False},
         args=expand_model_shorthand(args),
+        run=run,
     )

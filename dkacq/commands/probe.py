@@ -9,24 +9,37 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.data.probe_datamodule import ProbeDataModule
+from dkacq.formats.atomic import atomic_write_text
+from dkacq.formats.identity import digest, without
+from dkacq.formats.results import ProbeCell, check_cells, finished_ids
 from dkacq.probe.heads import Head
 from dkacq.probe.linear_probe import LinearProbe
-from dkacq.probe.results import ProbeResults, cell_name, probe_cell
+from dkacq.probe.results import ProbeResults
 
 CHECKPOINT_ROOT = Path("checkpoints")
-
-
-class SaveProbeConfig(SaveConfigBesideOutputs):
-    def output_folder(self, trainer, pl_module) -> Path:
-        results = next(callback for callback in trainer.callbacks if isinstance(callback, ProbeResults))
-        return results.run_dir
+IDENTITY_GROUPS = ("seed_everything", "trainer", "model", "data", "checkpoint", "optimizer", "lr_scheduler")
+"""The parsed options that can change a probe's numbers: everything of these groups but ``NOT_IDENTITY``.
+The command's own arguments (``heads``, ``ckpt_path``, ``verbose``) and ``results`` are not among them."""
+NOT_IDENTITY = (
+    "checkpoint.dirpath", "checkpoint.filename", "checkpoint.save_top_k", "checkpoint.verbose",
+    "checkpoint.save_last", "checkpoint.auto_insert_metric_name", "checkpoint.enable_version_counter",
+    "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.enable_checkpointing",
+    "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.profiler",
+    "data.layers", "data.cache_dir", "data.cache_name", "data.extraction_batch_size", "data.verify_cache",
+    "model.hidden_size",
+)
+"""Options that decide where outputs go or what is shown, never a number: left out of a cell's identity.
+Every other option is in it, with the exact weights and data the embedding cache is built from."""
 
 
 class ProbeCLI(LightningCLI):
-    """Probing runs one fit per layer: a fresh probe, trainer and seed for each, so a layer's result
-    does not depend on which layers ran before it; memory holds one layer's vectors at a time."""
+    """Probing runs one fit per (head, layer) cell: a fresh probe, trainer and seed for each, so a cell's
+    result does not depend on which cells ran before it; memory holds one layer's vectors at a time.
+
+    Every cell is planned and checked (layers against the model's config, the results table for rows of
+    other settings) before the embedding cache is built or any probe fitted.
+    """
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -47,43 +60,73 @@ class ProbeCLI(LightningCLI):
         )
 
     @property
+    def run_config(self):
+        """The parsed options of this run (also when built with ``run=False``, as the sweep does)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    @property
     def results(self) -> ProbeResults:
         return next(callback for callback in self.trainer.callbacks if isinstance(callback, ProbeResults))
 
-    def _cells(self, datamodule: ProbeDataModule, skip_finished: bool = False):
-        """Yield the name of each (head, layer) cell to probe, with fresh classes instantiated for it;
-        with ``skip_finished``, cells that have a result already are left out."""
-        datamodule.prepare_data()
-        config = self.config[self.subcommand]
+    def plan(self) -> list[ProbeCell]:
+        """Every (head, layer) cell of this run with its identity, checked against the results table.
+
+        Reads the probe set, the model's config file and the weights' identity; builds nothing.
+        """
+        config, data = self.run_config, self.datamodule
+        options = config.as_dict()
+        setting = without({group: options[group] for group in IDENTITY_GROUPS if group in options}, NOT_IDENTITY)
+        setting["embeddings"] = data.cache_request()
         heads = config.heads or [config.model.head]
-        for head, layer in itertools.product(heads, datamodule.probed_layers()):
-            self._set_head(head)
-            seed_everything(config.seed_everything, workers=True)
-            self.instantiate_classes()
-            self.datamodule.layer = layer
-            cell = probe_cell(self.datamodule, self.model)
-            if skip_finished and self.results.finished(cell):
-                continue
-            name = cell_name(**cell)
-            self.trainer.checkpoint_callback.dirpath = str(self._checkpoint_folder(name))
-            if self.trainer.logger is not None:
-                self.trainer.loggers = [TensorBoardLogger(self.results.run_dir, name="tensorboard", version=name)]
-            yield name
+        cells = []
+        for head, layer in itertools.product(heads, data.probed_layers()):
+            identity = setting | {"model": setting["model"] | {"head": head}, "layer": layer}
+            cells.append(ProbeCell(
+                data.hparams.dataset, data.preset.label, data.preset.pooling, data.hparams.num_passages, layer, head, identity,
+            ))
+        check_cells(self.results.results_path, cells)
+        return cells
 
-    def _checkpoint_folder(self, cell: str) -> Path:
-        return CHECKPOINT_ROOT / self.results.run_dir.name / cell
+    def _checkpoint_folder(self, cell: ProbeCell) -> Path:
+        """Unique to the run folder and the cell's identity; under ``checkpoint.dirpath`` when given."""
+        if self.run_config.checkpoint.dirpath:
+            return Path(self.run_config.checkpoint.dirpath) / cell.name
+        run_dir = self.results.run_dir
+        return CHECKPOINT_ROOT / f"{run_dir.name}-{digest({'run_dir': str(run_dir.resolve())}, 8)}" / cell.name
 
-    def _set_head(self, head: str) -> None:
-        """Make ``head`` the model's in the parsed config and in the dump that ``save_hyperparameters``
-        reads, so that checkpoints record the head they hold."""
-        self.config[self.subcommand].model.head = head
-        vars(self).pop("config_dump", None)
+    def _instantiate_cell(self, cell: ProbeCell) -> None:
+        """Fresh classes for one cell, seeded as every other cell is."""
+        config = self.run_config
+        config.model.head = cell.probe
+        vars(self).pop("config_dump", None)  # checkpoints record the head from this dump
         self._dump_config()
+        seed_everything(config.seed_everything, workers=True)
+        results = self.results
+        self.instantiate_classes()
+        self.datamodule.layer = cell.layer
+        self.trainer.checkpoint_callback.dirpath = str(self._checkpoint_folder(cell))
+        if config.trainer.logger in (None, True):
+            self.trainer.loggers = [TensorBoardLogger(self.results.run_dir, name="tensorboard", version=cell.name)]
+        self.results.cell = cell
+        self.results.config_file = results.config_file
 
-    def _best_checkpoint(self, cell: str, ckpt_path: str | None) -> str:
+    def _save_config(self) -> None:
+        """This run's options, once per setting, beside its results (every row names its file)."""
+        config = self.run_config
+        text = self._parser(self.subcommand).dump(config, skip_none=False)
+        data = self.datamodule
+        name = f"{data.hparams.dataset}-{data.preset.label}-{data.preset.pooling}-N{data.hparams.num_passages}"
+        path = self.results.run_dir / "configs" / f"{name}-{digest({'config': text}, 8)}.yaml"
+        if not path.exists():
+            atomic_write_text(path, text)
+        self.results.config_file = path
+
+    def _best_checkpoint(self, cell: ProbeCell, ckpt_path: str | None) -> str:
         path = Path(ckpt_path) if ckpt_path else self._checkpoint_folder(cell) / "best.ckpt"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: no trained probe for {cell}; run dkacq fit with the same config first")
+            raise FileNotFoundError(
+                f"{path}: no trained probe for {cell.label} with these settings; run dkacq fit with the same config first"
+            )
         return str(path)
 
     def fit(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
@@ -91,28 +134,40 @@ class ProbeCLI(LightningCLI):
 
         A cell starts from an empty checkpoint folder, so a cell interrupted earlier starts again cleanly.
         """
-        for cell in self._cells(datamodule, skip_finished=self.results.skip_finished):
+        cells = self.plan()
+        self._save_config()
+        datamodule.prepare_data()
+        done = finished_ids(self.results.results_path) if self.results.skip_finished else set()
+        for cell in cells:
+            if cell.id in done:
+                continue
+            self._instantiate_cell(cell)
             shutil.rmtree(self._checkpoint_folder(cell), ignore_errors=True)
             self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, **kwargs)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
         print(self.results.results_path)
 
     def validate(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        for cell in self._cells(datamodule):
+        for cell in self.plan():
+            self._instantiate_cell(cell)
             self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
 
     def test(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        for cell in self._cells(datamodule):
+        for cell in self.plan():
+            self._instantiate_cell(cell)
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
         print(self.results.results_path)
 
 
-def run(args: list[str]) -> ProbeCLI:
+def run(args: list[str], run: bool = True) -> ProbeCLI:
+    """The probe CLI on ``args``; with ``run=False`` (no subcommand in ``args``) it only parses and
+    instantiates, for :meth:`ProbeCLI.plan`."""
     return ProbeCLI(
         LinearProbe,
         ProbeDataModule,
-        save_config_callback=SaveProbeConfig,
+        save_config_callback=None,
         seed_everything_default=42,
         trainer_defaults={"max_epochs": 30, "deterministic": True},
         args=args,
+        run=run,
     )

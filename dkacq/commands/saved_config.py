@@ -5,9 +5,11 @@ from pathlib import Path
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 
+from dkacq.formats.atomic import atomic_write_text
+
 
 class SaveConfigBesideOutputs(SaveConfigCallback):
-    """Writes ``config.yaml`` into the run's output folder.
+    """Writes ``config.yaml`` into the run's output folder, whole or not at all.
 
     Lightning's default writes it into the logger's folder, which is the working directory when
     logging is off; subclasses say where a command's outputs are.
@@ -20,6 +22,5 @@ class SaveConfigBesideOutputs(SaveConfigCallback):
         raise NotImplementedError
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        folder = self.output_folder(trainer, pl_module)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, folder / self.config_filename, skip_none=False, overwrite=True, multifile=self.multifile)
+        text = self.parser.dump(self.config, skip_none=False)
+        atomic_write_text(self.output_folder(trainer, pl_module) / self.config_filename, text)

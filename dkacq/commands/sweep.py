@@ -1,9 +1,9 @@
 """``dkacq sweep``: a study config's grid of probes and attribution runs, resumable, then its report.
 
 Each probe setting runs ``dkacq fit`` once per N with every head and layer, all into one results
-table; a cell with a row there is skipped, so a stopped sweep run again runs each remaining cell once
-and none twice. An embedding cache belongs to a setting (not to N or a head), so it is built once. An
-attribution run is done when its ``counts.safetensors`` exists (written last, atomically).
+table; a cell with a row of the same identity there is skipped, so a stopped sweep run again runs each
+remaining cell once and none twice. An embedding cache belongs to a setting (not to N or a head), so it
+is built once. An attribution run is done when its folder holds counts of the same identity.
 """
 
 import json
@@ -54,7 +54,10 @@ def sweep(
     base_models: dict[str, str] | None = None,
     published_overlay: bool = True,
 ) -> Path:
-    """Run every probe cell and attribution run that is not done yet, then write the report.
+    """Check every probe cell and attribution run, run those not done yet, then write the report.
+
+    Every cell is checked before any runs: options, layers against each model's config, and the
+    results table and attribution folders for results of other settings (refused in one line).
 
     Args:
         run_dir: the study's folder: ``probe/results.csv``, ``attribution/<name>/``, ``report/``.
@@ -64,31 +67,44 @@ def sweep(
         base_models: pooling -> base model for the report's significance tests.
         published_overlay: draw the study's published curves beside yours.
     """
+    from dkacq.commands import attribute
+
     probe_dir = run_dir / "probe"
     shared = [_option(f"data.{key}", value) for key, value in (data or {}).items()]
-    if probes is not None:
-        for setting in probes.settings:
-            for num_passages in probes.num_passages:
-                probe.run([
-                    "fit", "--config", probes.config,
-                    *shared,
-                    *(_option(f"data.{key}", value) for key, value in setting.items()),
-                    _option("data.num_passages", num_passages),
-                    _option("heads", probes.heads),
-                    _option("results.run_dir", str(probe_dir)),
-                    "--results.skip_finished=true",
-                    *probes.options,
-                ])
-    attribution_dirs = []
-    if attributions:
-        from dkacq.commands import attribute
-    for run in attributions or []:
-        folder = run_dir / "attribution" / run.name
-        if not (folder / "counts.safetensors").exists():
-            attribute.run(
-                ["attribute", "--model", run.model, *shared, _option("model.output_dir", str(folder)), *run.options]
-            )
-        attribution_dirs.append(folder)
+    probe_args = [
+        [
+            "--config", probes.config,
+            *shared,
+            *(_option(f"data.{key}", value) for key, value in setting.items()),
+            _option("data.num_passages", num_passages),
+            _option("heads", probes.heads),
+            _option("results.run_dir", str(probe_dir)),
+            "--results.skip_finished=true",
+            *probes.options,
+        ]
+        for setting in (probes.settings if probes else [])
+        for num_passages in probes.num_passages
+    ]
+    attribution_args = [
+        ["--model", run.model, *shared, _option("model.output_dir", str(run_dir / "attribution" / run.name)), *run.options]
+        for run in attributions or []
+    ]
+    for args in probe_args:
+        probe.run(args, run=False).plan()
+    pending = []
+    for args in attribution_args:
+        cli = attribute.run(args, run=False)
+        cli.datamodule.prepare_data()
+        cli.datamodule.setup("predict")
+        identity = cli.model.identity(cli.datamodule, str(cli.trainer.precision))
+        if not cli.model.finished(cli.model.output_path_for(cli.datamodule), identity):
+            pending.append(args)
+
+    for args in probe_args:
+        probe.run(["fit", *args])
+    for args in pending:
+        attribute.run(["attribute", *args])
+    attribution_dirs = [run_dir / "attribution" / run.name for run in attributions or []]
     results = [probe_dir / "results.csv"] if (probe_dir / "results.csv").exists() else []
     return report(results, attribution_dirs, run_dir / "report", base_models, published_overlay)
 

@@ -8,11 +8,14 @@ line naming the file (or hub split), the record (its index in file order) and th
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, TextIO
+from typing import Any, Iterator, Literal, NamedTuple, TextIO
 
 import datasets
 import pyarrow as pa
@@ -25,6 +28,7 @@ EXAMPLE_COLUMNS = (
     "negative_context_3",
 )
 ProbeFormat = Literal["demo", "dpr", "msmarco", "published", "local"]
+DROP_REASONS = ("no_positive", "no_negative")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_FILES = {"train": DEMO_DIR / "train.jsonl.gz", "test": DEMO_DIR / "test.jsonl.gz"}
@@ -38,10 +42,26 @@ _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjso
 _CHUNK_CHARS = 1 << 20
 _JSON_WHITESPACE = " \t\n\r"
 _CUT_OFF_SLACK = 16
+_log = logging.getLogger("dkacq")
 
 
 class ProbeDataError(ValueError):
     """Bad probe input: a missing or malformed file, record or field. The message is one line."""
+
+
+@dataclass(frozen=True)
+class ProbeSetRead:
+    """A probe set with what only reading it can tell, for the store's manifest.
+
+    Dropped records leave no trace in the examples, so the readers count them as they go.
+    ``sources`` names each split's file or hub split; ``dropped`` maps split -> reason
+    (``DROP_REASONS``) -> records; ``overlapping_questions`` counts the distinct questions of both splits.
+    """
+
+    probe_set: datasets.DatasetDict
+    sources: dict[str, str]
+    dropped: dict[str, dict[str, int]]
+    overlapping_questions: int
 
 
 def load_probe_set(
@@ -63,8 +83,54 @@ def load_probe_set(
     - ``local``: JSONL/Parquet files already in ``EXAMPLE_COLUMNS``, every value a non-empty string.
 
     For ``dpr`` and ``msmarco`` the negatives are sampled with one ``random.Random(seed)`` stream
-    through the train and then the test source, as the published sets were made.
+    through the train and then the test source, as the published sets were made. A record without a
+    positive or without a negative gives no example. The same file (or two files of identical
+    content) as train and test is refused. Dropped records and questions of both splits are warned
+    about on the ``dkacq`` logger; ``read_probe_set`` also returns their counts.
     """
+    return read_probe_set(format, train, test, hub_id, seed).probe_set
+
+
+def read_probe_set(
+    format: ProbeFormat = "demo",
+    train: str | None = None,
+    test: str | None = None,
+    hub_id: str | None = None,
+    seed: int = 42,
+) -> ProbeSetRead:
+    """``load_probe_set`` with the counts of dropped records and of questions in both splits."""
+    splits = _read_splits(format, train, test, hub_id, seed)
+    for split, part in splits.items():
+        if any(part.dropped.values()):
+            _log.warning(
+                "%s (%s split): records dropped for having no positive: %d, no negative: %d",
+                part.source, split, part.dropped["no_positive"], part.dropped["no_negative"],
+            )
+    overlap = len(set(splits["train"].dataset["question"]) & set(splits["test"].dataset["question"]))
+    if overlap:
+        _log.warning(
+            "distinct questions in both train (%s) and test (%s): %d",
+            splits["train"].source, splits["test"].source, overlap,
+        )
+    return ProbeSetRead(
+        probe_set=datasets.DatasetDict({split: part.dataset for split, part in splits.items()}),
+        sources={split: part.source for split, part in splits.items()},
+        dropped={split: part.dropped for split, part in splits.items()},
+        overlapping_questions=overlap,
+    )
+
+
+class _Split(NamedTuple):
+    """One split's examples, where they came from and how many records gave none, per reason."""
+
+    dataset: datasets.Dataset
+    source: str
+    dropped: dict[str, int]
+
+
+def _read_splits(
+    format: ProbeFormat, train: str | None, test: str | None, hub_id: str | None, seed: int
+) -> dict[str, _Split]:
     if format == "demo":
         return _table_set(DEMO_FILES["train"], DEMO_FILES["test"], allow_empty=False)
     if format == "local":
@@ -75,13 +141,13 @@ def load_probe_set(
     if format == "dpr":
         _require_files(format, train, test, "DPR retriever JSON files")
         rng = random.Random(seed)
-        return datasets.DatasetDict({"train": _dpr_split(train, rng), "test": _dpr_split(test, rng)})
+        return {"train": _dpr_split(train, rng), "test": _dpr_split(test, rng)}
     if format == "msmarco":
         return _msmarco_set(train, test, hub_id, seed)
     raise ProbeDataError(f"unknown probe format {format!r}; expected one of demo, dpr, msmarco, published, local")
 
 
-def _published_set(train: str | None, test: str | None, hub_id: str | None) -> datasets.DatasetDict:
+def _published_set(train: str | None, test: str | None, hub_id: str | None) -> dict[str, _Split]:
     if train is not None or test is not None:
         _require_files("published", train, test, "JSONL or Parquet files of the published sets")
         return _table_set(train, test, allow_empty=True)
@@ -90,13 +156,13 @@ def _published_set(train: str | None, test: str | None, hub_id: str | None) -> d
             "format 'published' needs hub_id= (e.g. wshuai190/nq-hard-negative-dpr-sampled-seed-42-sample-4) "
             "or train= and test= files"
         )
-    return datasets.DatasetDict({
-        split: _checked(_load_hub(hub_id, None, hub_split), f"{hub_id}[{hub_split}]", allow_empty=True)
+    return {
+        split: _table_split(_load_hub(hub_id, None, hub_split), f"{hub_id}[{hub_split}]", allow_empty=True)
         for split, hub_split in PUBLISHED_SPLITS.items()
-    })
+    }
 
 
-def _msmarco_set(train: str | None, test: str | None, hub_id: str | None, seed: int) -> datasets.DatasetDict:
+def _msmarco_set(train: str | None, test: str | None, hub_id: str | None, seed: int) -> dict[str, _Split]:
     if train is not None or test is not None:
         _require_files("msmarco", train, test, "JSONL or Parquet files of MS MARCO v1.1 rows")
         sources = {split: (_read_table(path), Path(path).name) for split, path in (("train", train), ("test", test))}
@@ -107,12 +173,31 @@ def _msmarco_set(train: str | None, test: str | None, hub_id: str | None, seed: 
             for split, hub_split in MSMARCO_SPLITS.items()
         }
     rng = random.Random(seed)
-    return datasets.DatasetDict({split: _msmarco_split(rows, name, rng) for split, (rows, name) in sources.items()})
+    return {split: _msmarco_split(rows, name, rng) for split, (rows, name) in sources.items()}
 
 
 def _require_files(format: str, train: str | None, test: str | None, what: str) -> None:
+    """Both files are named and are not one file: a test split that is the train split scores the
+    probe on the examples it was fitted to."""
     if train is None or test is None:
         raise ProbeDataError(f"format {format!r} needs both train= and test= ({what})")
+    train_path, test_path = Path(train), Path(test)
+    if not (train_path.is_file() and test_path.is_file()):
+        return  # the reader names the missing file
+    if os.path.samefile(train_path, test_path):
+        raise ProbeDataError(f"{train} and {test}: train= and test= are the same file ({train_path.resolve()})")
+    if train_path.stat().st_size == test_path.stat().st_size and file_digest(train_path) == file_digest(test_path):
+        raise ProbeDataError(f"{train} and {test}: train= and test= have identical content")
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """A content hash of a file: identical files are found, and an edited file is never mistaken for
+    the one stored."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 class _ExampleColumns:
@@ -120,25 +205,36 @@ class _ExampleColumns:
 
     def __init__(self) -> None:
         self.columns: dict[str, list[str]] = {column: [] for column in EXAMPLE_COLUMNS}
+        self.dropped = dict.fromkeys(DROP_REASONS, 0)
 
-    def add(self, question: str, positive: str, negatives: list[str]) -> None:
-        for column, value in zip(EXAMPLE_COLUMNS, (question, positive, *negatives), strict=True):
-            self.columns[column].append(value)
+    def add_record(self, question: str, positives: list[str], negatives: list[str], rng: random.Random) -> None:
+        """One example per positive, each with its own draw of negatives; a record without a positive
+        or a negative is counted (under ``no_positive`` when it lacks both) and draws nothing."""
+        if not positives:
+            self.dropped["no_positive"] += 1
+        elif not negatives:
+            self.dropped["no_negative"] += 1
+        else:
+            for positive in positives:
+                values = (question, positive, *sample_negatives(negatives, rng))
+                for column, value in zip(EXAMPLE_COLUMNS, values, strict=True):
+                    self.columns[column].append(value)
 
-    def dataset(self, name: str) -> datasets.Dataset:
+    def split(self, name: str) -> _Split:
         if not self.columns["question"]:
             raise ProbeDataError(f"{name}: gives no examples (no record has both a positive and a negative)")
-        return datasets.Dataset.from_dict(self.columns, features=_FEATURES)
+        return _Split(datasets.Dataset.from_dict(self.columns, features=_FEATURES), name, self.dropped)
 
 
 # --- DPR retriever JSON ---------------------------------------------------------------------------
 
 
-def _dpr_split(path: str | os.PathLike, rng: random.Random) -> datasets.Dataset:
+def _dpr_split(path: str | os.PathLike, rng: random.Random) -> _Split:
     """Examples of one DPR retriever file: one per positive ctx, negatives from ``hard_negative_ctxs``.
 
     The file is read record by record (the NQ train file is several GB), so only the examples are
-    held in memory. A record whose ``hard_negative_ctxs`` is empty gives no example and draws nothing.
+    held in memory. A record whose ``positive_ctxs`` or ``hard_negative_ctxs`` is empty gives no
+    example and draws nothing.
     """
     path = Path(path)
     name = path.name
@@ -154,11 +250,8 @@ def _dpr_split(path: str | os.PathLike, rng: random.Random) -> datasets.Dataset:
                 raise ProbeDataError(f"{name}: record {index} is not a JSON object")
             question = _string(record.get("question"), name, index, "question")
             negatives = _ctx_texts(record, "hard_negative_ctxs", name, index)
-            for positive in _ctx_texts(record, "positive_ctxs", name, index):
-                sampled = sample_negatives(negatives, rng)
-                if sampled is not None:
-                    examples.add(question, positive, sampled)
-    return examples.dataset(name)
+            examples.add_record(question, _ctx_texts(record, "positive_ctxs", name, index), negatives, rng)
+    return examples.split(name)
 
 
 def _ctx_texts(record: dict, field: str, name: str, index: int) -> list[str]:
@@ -290,8 +383,11 @@ def _maybe_cut_off(error: json.JSONDecodeError, buffered: int) -> bool:
 # --- MS MARCO v1.1 rows ---------------------------------------------------------------------------
 
 
-def _msmarco_split(rows: datasets.Dataset, name: str, rng: random.Random) -> datasets.Dataset:
-    """Examples of MS MARCO rows: one per selected passage, negatives = the query's other passages."""
+def _msmarco_split(rows: datasets.Dataset, name: str, rng: random.Random) -> _Split:
+    """Examples of MS MARCO rows: one per selected passage, negatives = the query's other passages.
+
+    A row with no selected passage, or with every passage selected, gives no example.
+    """
     for field in ("query", "passages"):
         if field not in rows.column_names:
             raise ProbeDataError(f"{name}: record 0 has no field {field!r}")
@@ -311,23 +407,26 @@ def _msmarco_split(rows: datasets.Dataset, name: str, rng: random.Random) -> dat
                 )
             for j, text in enumerate(texts):
                 _string(text, name, index, f"passages.passage_text[{j}]")
+            positives = [text for flag, text in zip(flags, texts) if flag == 1]
             negatives = [text for flag, text in zip(flags, texts) if flag != 1]
-            for positive in (text for flag, text in zip(flags, texts) if flag == 1):
-                sampled = sample_negatives(negatives, rng)
-                if sampled is not None:
-                    examples.add(query, positive, sampled)
+            examples.add_record(query, positives, negatives, rng)
             index += 1
-    return examples.dataset(name)
+    return examples.split(name)
 
 
 # --- tables already in EXAMPLE_COLUMNS ------------------------------------------------------------
 
 
-def _table_set(train: str | os.PathLike, test: str | os.PathLike, allow_empty: bool) -> datasets.DatasetDict:
-    return datasets.DatasetDict({
-        split: _checked(_read_table(path), Path(path).name, allow_empty)
+def _table_set(train: str | os.PathLike, test: str | os.PathLike, allow_empty: bool) -> dict[str, _Split]:
+    return {
+        split: _table_split(_read_table(path), Path(path).name, allow_empty)
         for split, path in (("train", train), ("test", test))
-    })
+    }
+
+
+def _table_split(table: datasets.Dataset, name: str, allow_empty: bool) -> _Split:
+    """A table of finished examples: every record is one, so none is dropped."""
+    return _Split(_checked(table, name, allow_empty), name, dict.fromkeys(DROP_REASONS, 0))
 
 
 def _read_table(path: str | os.PathLike) -> datasets.Dataset:

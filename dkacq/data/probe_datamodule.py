@@ -1,6 +1,9 @@
 """ProbeDataModule: the probe set and its embedding cache, one layer at a time, as N-passage batches."""
 
+import logging
+from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import torch
 from datasets import DatasetDict
@@ -9,13 +12,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from dkacq.data.examples import ProbeFormat
-from dkacq.data.sampling import draw_passage_orders
+from dkacq.data.sampling import check_num_passages, draw_passage_orders
 from dkacq.data.storage import fingerprint, stored_probe_set
-from dkacq.encoders.cache import EmbeddingCache, open_cache
+from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, open_cache
+from dkacq.encoders import extraction, loading
 from dkacq.encoders.pooling import Pooling
 from dkacq.encoders.presets import EncoderPreset, get_preset
+from dkacq.formats.atomic import file_lock
 
-CACHE_FORMAT = 1
+CacheDtype = Literal["float32", "float16", "bfloat16"]
+ExtractionPrecision = Literal["32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"]
+log = logging.getLogger("dkacq")
 
 
 class ProbeExamples(Dataset):
@@ -66,8 +73,9 @@ def _whole_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch
 
 
-def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtype: str) -> dict:
-    """Everything that decides the numbers in an embedding cache."""
+def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtype: str, precision: str) -> dict:
+    """Everything that decides the numbers in an embedding cache: the exact weights (a hub commit or a
+    digest of the files) and the extraction precision as well as the settings."""
     return {
         "cache_format": CACHE_FORMAT,
         "query_model": vars(preset.query),
@@ -80,7 +88,9 @@ def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtyp
         "normalize": preset.normalize,
         "random_init": preset.random_init,
         "init_seed": preset.seed,
+        "weights": {"query": loading.weights_identity(preset.query), "passage": loading.weights_identity(preset.passage)},
         "storage_dtype": storage_dtype,
+        "extraction_precision": precision,
         "data_fingerprint": data_fingerprint,
     }
 
@@ -113,9 +123,10 @@ class ProbeDataModule(LightningDataModule):
         standardize: bool = False,
         cache_dir: str = ".cache/dkacq",
         cache_name: str | None = None,
-        cache_dtype: str = "float32",
+        cache_dtype: CacheDtype = "float32",
         extraction_batch_size: int = 64,
-        extraction_precision: str | None = None,
+        extraction_precision: ExtractionPrecision | None = None,
+        verify_cache: bool = False,
     ):
         """
         Args:
@@ -150,10 +161,11 @@ class ProbeDataModule(LightningDataModule):
             cache_dtype: float32, float16 or bfloat16 storage of cached vectors.
             extraction_batch_size: texts per forward pass while caching.
             extraction_precision: Lightning precision while caching; bf16-true on a GPU by default.
+            verify_cache: check every cache file's checksum before use (its size is checked always); a
+                damaged cache is rebuilt.
         """
         super().__init__()
-        if not 2 <= num_passages <= 5:
-            raise ValueError(f"num_passages must be between 2 and 5 (1 positive + up to 4 negatives), got {num_passages}")
+        check_num_passages(num_passages)
         if max_examples is not None and max_examples < 2:
             raise ValueError(f"max_examples must be at least 2, got {max_examples}")
         if not 0 < val_fraction < 1:
@@ -163,6 +175,7 @@ class ProbeDataModule(LightningDataModule):
         self.folder = Path(cache_dir) / dataset
         self.layer: int | None = layers[0] if layers and len(layers) == 1 else None
         self.cache: EmbeddingCache | None = None
+        self._request: dict | None = None
 
     @property
     def probe_set_folder(self) -> Path:
@@ -186,33 +199,60 @@ class ProbeDataModule(LightningDataModule):
             data_fingerprint = fingerprint(probe_set)
         return probe_set, data_fingerprint
 
-    def _request(self, data_fingerprint: str) -> dict:
-        return embedding_request(self.preset, data_fingerprint, self.hparams.cache_dtype)
+    @property
+    def precision(self) -> str:
+        return self.hparams.extraction_precision or extraction.default_precision()
+
+    def cache_request(self) -> dict:
+        """What the cache must have been built from (computed once: it hashes data and weights)."""
+        if self._request is None:
+            _, data_fingerprint = self.load_probe_set()
+            self._request = embedding_request(self.preset, data_fingerprint, self.hparams.cache_dtype, self.precision)
+        return self._request
+
+    @cached_property
+    def num_hidden_states(self) -> int:
+        """Hidden states of the encoder (the embedding output included), read from its config file."""
+        counts = {loading.model_config(source).num_hidden_layers + 1 for source in (self.preset.query, self.preset.passage)}
+        if len(counts) != 1:
+            raise ValueError(f"{self.preset.name}: query and passage encoders have different numbers of layers")
+        return counts.pop()
+
+    def probed_layers(self) -> list[int]:
+        """The layers to probe, checked against the model's config before anything is built."""
+        layers = self.hparams.layers or list(range(self.num_hidden_states))
+        for layer in layers:
+            if not 0 <= layer < self.num_hidden_states:
+                raise ValueError(f"layer {layer} outside 0..{self.num_hidden_states - 1} of {self.preset.name}")
+        return layers
 
     def prepare_data(self) -> None:
-        probe_set, data_fingerprint = self.load_probe_set()
-        if open_cache(self.embeddings_folder, self._request(data_fingerprint)) is not None:
-            return
-        from dkacq.encoders.extraction import build_cache
-        from dkacq.encoders.loading import load_encoders
-
-        query_encoder, passage_encoder = load_encoders(self.preset)
-        build_cache(
-            self.embeddings_folder,
-            self._request(data_fingerprint),
-            query_encoder,
-            passage_encoder,
-            probe_set,
-            self.hparams.extraction_batch_size,
-            self.hparams.extraction_precision,
-            self.hparams.cache_dtype,
-        )
+        """Build the cache unless a complete one of the same request exists; under a lock, so that a
+        second process building the same cache waits and then reuses it."""
+        request = self.cache_request()
+        with file_lock(self.embeddings_folder):
+            try:
+                if open_cache(self.embeddings_folder, request, verify=self.hparams.verify_cache) is not None:
+                    return
+            except CacheDamagedError as error:
+                log.warning("%s (rebuilding it now)", error)
+            probe_set, _ = self.load_probe_set()
+            query_encoder, passage_encoder = loading.load_encoders(self.preset)
+            extraction.build_cache(
+                self.embeddings_folder,
+                request,
+                query_encoder,
+                passage_encoder,
+                probe_set,
+                self.hparams.extraction_batch_size,
+                self.precision,
+                self.hparams.cache_dtype,
+            )
 
     def open(self) -> EmbeddingCache:
         """The prepared cache (``prepare_data`` must have run)."""
         if self.cache is None:
-            _, data_fingerprint = self.load_probe_set()
-            self.cache = open_cache(self.embeddings_folder, self._request(data_fingerprint))
+            self.cache = open_cache(self.embeddings_folder, self.cache_request())
             if self.cache is None:
                 raise FileNotFoundError(f"{self.embeddings_folder}: no embedding cache; run prepare_data first")
         return self.cache
@@ -220,13 +260,6 @@ class ProbeDataModule(LightningDataModule):
     @property
     def hidden_size(self) -> int:
         return self.open().hidden_size
-
-    def probed_layers(self) -> list[int]:
-        layers = self.hparams.layers or list(range(self.open().num_hidden_states))
-        for layer in layers:
-            if not 0 <= layer < self.open().num_hidden_states:
-                raise ValueError(f"layer {layer} outside 0..{self.open().num_hidden_states - 1} of {self.preset.name}")
-        return layers
 
     def split_sizes(self) -> dict[str, int]:
         return {name: len(dataset) for name, dataset in self.datasets.items()}

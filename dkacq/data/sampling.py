@@ -24,6 +24,15 @@ def sample_negatives(negatives: list[str], rng: random.Random, k: int = NUM_NEGA
     return rng.sample(negatives, k)
 
 
+def check_num_passages(num_passages: int) -> None:
+    """N, the passages an example shows: the positive and 1..4 of its negatives."""
+    if not 2 <= num_passages <= NUM_NEGATIVES + 1:
+        raise ValueError(
+            f"num_passages must be between 2 and {NUM_NEGATIVES + 1} (the positive and 1 to {NUM_NEGATIVES} "
+            f"negatives), got {num_passages}"
+        )
+
+
 def draw_passage_orders(
     num_examples: int, num_passages: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,8 +47,7 @@ def draw_passage_orders(
     Returns ``columns`` (long, ``[num_examples, num_passages]``) and ``labels`` (long,
     ``[num_examples]``), the position of the positive in each row.
     """
-    if not 2 <= num_passages <= NUM_NEGATIVES + 1:
-        raise ValueError(f"num_passages must be between 2 and {NUM_NEGATIVES + 1}, got {num_passages}")
+    check_num_passages(num_passages)
     if num_examples < 0:
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     device = generator.device

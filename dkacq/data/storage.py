@@ -1,14 +1,25 @@
-"""Probe sets stored with ``datasets`` under the cache folder, built once and then reused."""
+"""Probe sets stored with ``datasets`` under the cache folder, built once and then reused.
+
+Several processes may ask for one probe set at once (data-parallel ranks, sweeps): it is built by one
+of them under a lock, in a folder of its own, and swapped into place complete with its manifest, so a
+folder whose manifest matches the request always holds the whole probe set.
+"""
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from datasets import DatasetDict, load_from_disk
 
-from dkacq.data.examples import DEMO_FILES, EXAMPLE_COLUMNS, ProbeFormat, load_probe_set
+from dkacq.data.examples import DEMO_FILES, EXAMPLE_COLUMNS, ProbeFormat, file_digest, read_probe_set
+from dkacq.formats.atomic import atomic_write_text, default_mode, file_lock
+
+STORE_FORMAT = 2  # raised when the manifest records more, so older stores are rebuilt
+_log = logging.getLogger("dkacq")
 
 
 def fingerprint(probe_set: DatasetDict) -> str:
@@ -19,15 +30,6 @@ def fingerprint(probe_set: DatasetDict) -> str:
         for column in EXAMPLE_COLUMNS:
             for text in probe_set[name][column]:
                 digest.update(text.encode() + b"\0")
-    return digest.hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    """A content hash of a source file, so an edited file is never mistaken for the one stored."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
@@ -49,28 +51,68 @@ def stored_probe_set(
     It is read from its source and stored when missing, and read and stored again when the source
     (its kind, paths, hub id, or the content of its files) is not the one stored: it is derived data.
     Embedding caches record the fingerprint, so one built from the old examples is then refused.
+    The manifest also records the records dropped per split and reason and the questions in both
+    splits, which are warned about when the set is built.
     """
+    folder = Path(folder)
     request = dict(
+        store_format=STORE_FORMAT,
         source=source,
         train_file=train_file,
         test_file=test_file,
         hub_id=hub_id,
         file_digests=[file_digest(path) for path in _source_files(source, train_file, test_file)],
     )
-    manifest_path = folder / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if all(manifest.get(key) == value for key, value in request.items()):
-            return load_from_disk(str(folder)), manifest["fingerprint"]
-    probe_set = load_probe_set(source, train_file, test_file, hub_id)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    probe_set.save_to_disk(str(staging))
+    manifest = _matching_manifest(folder, request, warn=False)
+    if manifest is None:
+        with file_lock(folder):
+            manifest = _matching_manifest(folder, request, warn=True)
+            if manifest is None:
+                return _build(folder, request, source, train_file, test_file, hub_id)
+    return load_from_disk(str(folder)), manifest["fingerprint"]
+
+
+def _matching_manifest(folder: Path, request: dict, warn: bool) -> dict | None:
+    """The stored manifest if it answers ``request``. One that is not a JSON object is taken as absent
+    (the set is rebuilt); ``warn`` says so once, from the check that decides on the rebuild."""
+    path = folder / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        if warn:
+            _log.warning("%s: not valid JSON (%s); the probe set is rebuilt", path, error)
+        return None
+    if not isinstance(manifest, dict):
+        if warn:
+            _log.warning("%s: not valid JSON (not an object); the probe set is rebuilt", path)
+        return None
+    return manifest if all(manifest.get(key) == value for key, value in request.items()) else None
+
+
+def _build(
+    folder: Path, request: dict, source: ProbeFormat, train_file: str | None, test_file: str | None, hub_id: str | None
+) -> tuple[DatasetDict, str]:
+    """Read the probe set and swap it into ``folder`` with its manifest; the caller holds the lock."""
+    read = read_probe_set(source, train_file, test_file, hub_id)
     manifest = request | {
-        "fingerprint": fingerprint(probe_set),
-        "num_examples": {name: len(split) for name, split in probe_set.items()},
+        "fingerprint": fingerprint(read.probe_set),
+        "num_examples": {name: len(split) for name, split in read.probe_set.items()},
+        "dropped": read.dropped,
+        "overlapping_questions": read.overlapping_questions,
     }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    return probe_set, manifest["fingerprint"]
+    prefix = f".{folder.name}."
+    for stale in folder.parent.glob(f"{prefix}*.partial"):  # left by a build that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=prefix, suffix=".partial"))
+    try:
+        os.chmod(staging, default_mode(directory=True))
+        read.probe_set.save_to_disk(str(staging))
+        atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return read.probe_set, manifest["fingerprint"]

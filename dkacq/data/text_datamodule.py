@@ -1,5 +1,6 @@
 """TextDataModule: the distinct questions or positive passages of a probe set's split, for attribution."""
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -67,6 +68,13 @@ class TextDataModule(LightningDataModule):
         self.texts = texts[: self.hparams.max_examples]
         if not self.texts:
             raise ValueError(f"no {self.hparams.text_side} texts in the {self.hparams.split} split of {self.hparams.dataset}")
+
+    def fingerprint(self) -> str:
+        """A content hash of the texts to attribute, in order (``setup`` must have run)."""
+        hashed = hashlib.sha256()
+        for text in self.texts:
+            hashed.update(text.encode() + b"\0")
+        return hashed.hexdigest()[:16]
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(self.texts, batch_size=self.hparams.batch_size, collate_fn=_texts_as_list)

@@ -81,7 +81,8 @@ def build_cache(
 ) -> EmbeddingCache:
     """Encode every distinct query and passage of ``probe_set`` at every hidden state into ``folder``.
 
-    The folder appears only when complete (built under a temporary name and renamed).
+    The folder appears only when complete and checked (built in a temporary folder of its own, every
+    file read back against what was written, then renamed); a failed build leaves nothing behind.
     """
     precision = precision or default_precision()
     queries, query_ids = sorted_unique(query_encoder, [q for split in probe_set.values() for q in split["question"]])
@@ -92,21 +93,33 @@ def build_cache(
         raise ValueError("query and passage encoders must have the same number of layers and hidden size")
 
     staging = staging_folder(folder)
-    writers = [
-        LayerFileWriter(layer_file(staging, layer), len(queries), len(passages), dim, storage_dtype)
-        for layer in range(num_states)
-    ]
+    writers = []
     try:
+        for layer in range(num_states):
+            writers.append(LayerFileWriter(layer_file(staging, layer), len(queries), len(passages), dim, storage_dtype))
         _predict(query_encoder, query_ids, writers, batch_size, precision)
         _predict(passage_encoder, passage_ids, writers, batch_size, precision)
+        written = {writer.path.name: writer.close() for writer in writers}
+        manifest = dict(
+            request,
+            num_hidden_states=num_states,
+            hidden_size=dim,
+            num_queries=len(queries),
+            num_passages=len(passages),
+            precision=precision,
+            storage_dtype=storage_dtype,
+            versions=package_versions(),
+        )
+        return publish(staging, folder, manifest, _index(probe_set, queries, passages), written)
     except BaseException:
         for writer in writers:
             writer.file.close()
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    for writer in writers:
-        writer.close()
 
+
+def _index(probe_set: DatasetDict, queries: list[str], passages: list[str]) -> dict[str, Tensor]:
+    """Per split, every example's query row ``[E]`` and passage rows ``[E, 5]`` (positive first)."""
     query_row = {text: row for row, text in enumerate(queries)}
     passage_row = {text: row for row, text in enumerate(passages)}
     index = {}
@@ -115,14 +128,4 @@ def build_cache(
         index[f"{name}.passages"] = torch.tensor(
             [[passage_row[p] for p in split[column]] for column in EXAMPLE_COLUMNS[1:]], dtype=torch.long
         ).T.contiguous()
-    manifest = dict(
-        request,
-        num_hidden_states=num_states,
-        hidden_size=dim,
-        num_queries=len(queries),
-        num_passages=len(passages),
-        precision=precision,
-        storage_dtype=storage_dtype,
-        versions=package_versions(),
-    )
-    return publish(staging, folder, manifest, index)
+    return index

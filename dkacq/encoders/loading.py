@@ -1,12 +1,31 @@
-"""Tokenizers and transformers from the hub, a local folder or a Python package; peft adapters merged."""
+"""Tokenizers and transformers from the hub, a local folder or a Python package; peft adapters merged.
 
+Every load is checked against the checkpoint's keys, so that a model never runs on weights it did not
+load, and :func:`weights_identity` says which exact weights a source names.
+"""
+
+import hashlib
 import importlib.util
+import inspect
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import HFValidationError
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    MODEL_MAPPING,
+    AutoConfig,
+    AutoTokenizer,
+    DPRContextEncoder,
+    DPRQuestionEncoder,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from dkacq.encoders.presets import EncoderPreset, ModelSource
 from dkacq.encoders.text_encoder import TextEncoder
@@ -14,6 +33,10 @@ from dkacq.encoders.text_encoder import TextEncoder
 
 class ModelUnavailableError(RuntimeError):
     """Weights or a tokenizer that can be neither found locally nor downloaded."""
+
+
+class WeightsMismatchError(RuntimeError):
+    """A checkpoint or adapter whose keys do not fit the model: loading it would leave weights random."""
 
 
 def resolve_model_path(model: str) -> str:
@@ -39,6 +62,15 @@ def _unreachable(model: str, error: Exception) -> ModelUnavailableError:
     )
 
 
+@contextmanager
+def _fetching(model: str):
+    """Hub and file errors while loading ``model`` as :class:`ModelUnavailableError`, saying what to do."""
+    try:
+        yield
+    except OSError as error:
+        raise _unreachable(model, error) from error
+
+
 def _pretrained_kwargs(source: ModelSource) -> dict:
     kwargs = {}
     if source.revision:
@@ -48,12 +80,15 @@ def _pretrained_kwargs(source: ModelSource) -> dict:
     return kwargs
 
 
+def model_config(source: ModelSource) -> PretrainedConfig:
+    """The source's config (layers, sizes) without its weights: cheap checks before anything is built."""
+    with _fetching(source.model):
+        return AutoConfig.from_pretrained(resolve_model_path(source.model), **_pretrained_kwargs(source))
+
+
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
-    path = resolve_model_path(source.model)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **_pretrained_kwargs(source))
-    except OSError as error:
-        raise _unreachable(source.model, error) from error
+    with _fetching(source.model):
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source.model), **_pretrained_kwargs(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return tokenizer
@@ -67,26 +102,125 @@ def base_transformer(model: nn.Module) -> nn.Module:
     return model
 
 
+_WRAPPERS = (DPRContextEncoder, DPRQuestionEncoder)
+"""Classes a checkpoint's ``architectures`` may name whose keys sit under a wrapper (``ctx_encoder.…``,
+``question_encoder.…``): the bare model of their type (``DPRQuestionEncoder`` for ``dpr``) would not
+find a context encoder's weights."""
+
+
+def _model_class(config: PretrainedConfig) -> tuple[type[PreTrainedModel], dict]:
+    """The class to build and its keyword arguments: the DPR wrapper the config names, else the bare model.
+
+    The pooler (a dense layer over the CLS token, trained for next-sentence prediction) is left out where
+    the class allows: the probe reads hidden states only, and many retriever checkpoints ship without it.
+    """
+    cls = next((wrapper for wrapper in _WRAPPERS if wrapper.__name__ in (config.architectures or ())), None)
+    cls = cls or MODEL_MAPPING[type(config)]
+    pooling = "add_pooling_layer" in inspect.signature(cls.__init__).parameters
+    return cls, {"add_pooling_layer": False} if pooling else {}
+
+
+def _some(keys) -> str:
+    """The first few of many keys, for a one-line message."""
+    keys = sorted(keys)
+    more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+    return ", ".join(keys[:3]) + more
+
+
+def _own_unexpected(model: PreTrainedModel, encoder: nn.Module, keys) -> list[str]:
+    """The unexpected checkpoint keys that belong to the encoder we use; the rest are head keys.
+
+    A key is taken relative to the encoder: its path inside the loaded model removed (``ctx_encoder.
+    bert_model.`` for DPR; a key outside that path is a head key) or, when the encoder is the loaded
+    model itself, the checkpoint's base-model prefix removed (``bert.``, ``model.``). It is a *head key*
+    when its first dotted component then names no child module, parameter or buffer of the encoder:
+    ``cls.predictions.*`` of BERT's pre-training heads, ``lm_head.weight`` of a causal LM, ``pooler.*`` of
+    a model built without its pooler (DPR checkpoints carry an unused one). Such weights are simply not
+    part of the encoder. Any other unexpected key (a renamed weight, a layer the config does not have)
+    means the checkpoint and the model disagree.
+    """
+    at = next(name for name, module in model.named_modules() if module is encoder)
+    names = {name for name, _ in encoder.named_children()}
+    names |= {name for name, _ in encoder.named_parameters(recurse=False)}
+    names |= {name for name, _ in encoder.named_buffers(recurse=False)}
+    own = []
+    for key in keys:
+        if at and not key.startswith(f"{at}."):
+            continue
+        relative = key.removeprefix(f"{at}." if at else f"{model.base_model_prefix}.")
+        if relative.split(".")[0] in names:
+            own.append(key)
+    return own
+
+
+def _check_loaded(name: str, model: PreTrainedModel, encoder: nn.Module, info: dict) -> None:
+    """Refuse a load that left weights random: missing keys, shape mismatches, unexpected keys of the encoder."""
+    problems = []
+    if info["missing_keys"]:
+        problems.append(f"missing {_some(info['missing_keys'])}")
+    if info["mismatched_keys"]:
+        shapes = [f"{key} {tuple(saved)} vs {tuple(built)}" for key, saved, built in info["mismatched_keys"]]
+        problems.append(f"shape of {_some(shapes)}")
+    if own := _own_unexpected(model, encoder, info["unexpected_keys"]):
+        problems.append(f"unexpected {_some(own)}")
+    if problems:
+        raise WeightsMismatchError(
+            f"model '{name}' does not fit its checkpoint ({'; '.join(problems)}): refused rather than run on "
+            "weights it did not load"
+        )
+
+
+def _merge_adapter(model: PreTrainedModel, source: ModelSource) -> nn.Module:
+    """The model with the source's LoRA adapter merged in, refused unless every adapter key applies.
+
+    ``PeftModel.from_pretrained`` drops the load report (it only warns of missing keys, and never of
+    unexpected ones), so the adapter is attached and loaded in the two steps it takes itself. A weight of
+    the wrong shape is left out of the load, and so reported missing.
+    """
+    from peft import PeftConfig, PeftModel
+
+    path = resolve_model_path(source.lora_adapter)
+    try:
+        config = PeftConfig.from_pretrained(path)
+    except ValueError as error:  # peft wraps the hub's OSError
+        if isinstance(error.__cause__, OSError):
+            raise _unreachable(source.lora_adapter, error.__cause__) from error
+        raise
+    config.inference_mode = True
+    adapted = PeftModel(model, config)
+    with _fetching(source.lora_adapter):
+        report = adapted.load_adapter(path, "default", ignore_mismatched_sizes=True)
+    problems = [f"{kind} {_some(keys)}" for kind, keys in (("missing", report.missing_keys),
+                                                          ("unexpected", report.unexpected_keys)) if keys]
+    if problems:
+        raise WeightsMismatchError(
+            f"LoRA adapter '{source.lora_adapter}' does not fit model '{source.model}' ({'; '.join(problems)})"
+        )
+    return adapted.merge_and_unload()
+
+
 def load_transformer(
     source: ModelSource, random_init: bool = False, seed: int = 0, dtype: torch.dtype = torch.float32
 ) -> nn.Module:
-    """The base transformer (no task head) in eval mode; fresh weights from ``seed`` if ``random_init``."""
-    path = resolve_model_path(source.model)
-    kwargs = _pretrained_kwargs(source)
-    try:
-        if random_init:
-            config = AutoConfig.from_pretrained(path, **kwargs)
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                model = AutoModel.from_config(config, dtype=dtype)
-        else:
-            model = AutoModel.from_pretrained(path, dtype=dtype, **kwargs)
-            if source.lora_adapter:
-                from peft import PeftModel
+    """The base transformer (no task head) in eval mode; fresh weights from ``seed`` if ``random_init``.
 
-                model = PeftModel.from_pretrained(model, resolve_model_path(source.lora_adapter)).merge_and_unload()
-    except OSError as error:
-        raise _unreachable(source.model, error) from error
+    Raises :class:`WeightsMismatchError` rather than run on weights the checkpoint did not supply.
+    """
+    config = model_config(source)
+    cls, init_kwargs = _model_class(config)
+    if random_init:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = cls._from_config(config, dtype=dtype, **init_kwargs)
+        return base_transformer(model).eval().requires_grad_(False)
+    with _fetching(source.model):  # shapes that differ are reported, not raised as a multi-line error
+        model, info = cls.from_pretrained(
+            resolve_model_path(source.model), config=config, dtype=dtype, output_loading_info=True,
+            ignore_mismatched_sizes=True, **init_kwargs, **_pretrained_kwargs(source),
+        )
+    _check_loaded(source.model, model, base_transformer(model), info)
+    if source.lora_adapter:
+        model = _merge_adapter(model, source)
     return base_transformer(model).eval().requires_grad_(False)
 
 
@@ -108,3 +242,72 @@ def load_encoders(preset: EncoderPreset, dtype: torch.dtype = torch.float32) -> 
             TextEncoder(transformer, tokenizer, preset.pooling, prefix, max_length, preset.normalize)
         )
     return encoders[0], encoders[1]
+
+
+_NOT_CONTENT = (".py", ".pyc", ".lock")
+_CHUNK = 16 * 2**20
+_SETTLED_NS = 2 * 10**9
+_SHA256: dict[tuple[str, int, int, int], str] = {}
+"""File digests of this process by (real path, size, mtime_ns, ctime_ns): a second identity costs a stat a file."""
+
+
+def weights_identity(source: ModelSource) -> dict[str, str]:
+    """What exactly the weights of ``source`` are, so that nothing built from other weights under the same
+    name is reused: ``{"model": ID}`` and, with an adapter, ``{"lora_adapter": ID}``.
+
+    A hub id is named by the commit its revision resolves to now (``commit:<sha>``), a local folder or
+    ``package:`` source by the sha256 of its files (``sha256:<hex>``; with ``gguf_file``, of that file).
+    """
+    identity = {"model": _identity(source.model, source.revision, source.gguf_file, "config.json")}
+    if source.lora_adapter:
+        identity["lora_adapter"] = _identity(source.lora_adapter, None, None, "adapter_config.json")
+    return identity
+
+
+def _identity(model: str, revision: str | None, gguf_file: str | None, config_file: str) -> str:
+    """A local source's sha256, or the commit of a hub revision as its loader would resolve it.
+
+    The revision is resolved through the file loading reads first (``gguf_file`` or ``config_file``):
+    online a HEAD request that downloads nothing, offline the ref in the local Hugging Face cache.
+    """
+    if model.startswith("package:") or os.path.exists(model):
+        folder = Path(resolve_model_path(model))
+        files = [folder / gguf_file] if gguf_file else _content_files(folder)
+        digest = hashlib.sha256()
+        for file in sorted(files, key=lambda file: file.relative_to(folder).as_posix()):
+            digest.update(f"{file.relative_to(folder).as_posix()}\0{_file_sha256(file)}\n".encode())
+        return f"sha256:{digest.hexdigest()}"
+    try:
+        resolved = hf_hub_download(model, gguf_file or config_file, revision=revision, dry_run=True)
+    except (OSError, HFValidationError) as error:
+        raise _unreachable(model, error) from error
+    return f"commit:{resolved.commit_hash}"
+
+
+def _content_files(folder: Path) -> list[Path]:
+    """The files that make a model: not hidden, not Python code or its caches, not download locks."""
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [name for name in dirs if not name.startswith(".") and name != "__pycache__"]
+        files += [Path(root, name) for name in names if not name.startswith(".") and not name.endswith(_NOT_CONTENT)]
+    return [file for file in files if file.is_file()]
+
+
+def _file_sha256(file: Path) -> str:
+    """The sha256 of a file's bytes, memoised on its stat once that is ``_SETTLED_NS`` old.
+
+    The ctime joins (size, mtime_ns) because an mtime can be set back (``touch -d``, ``cp -p``) and a ctime
+    cannot. Both are coarse (a clock tick, more on some file systems), so a file rewritten at the same size
+    within a tick of being hashed keeps its stat: a file changed that recently is hashed every time.
+    """
+    stat = file.stat()
+    key = (str(file.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+    if key in _SHA256:
+        return _SHA256[key]
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    if time.time_ns() - stat.st_ctime_ns > _SETTLED_NS:
+        _SHA256[key] = digest.hexdigest()
+    return digest.hexdigest()

@@ -55,9 +55,10 @@ class EncoderPreset:
         return self.query != self.passage
 
     def randomized(self, seed: int = 0) -> "EncoderPreset":
-        """The same architecture with fresh weights: the control that says what training added."""
+        """The same architecture with fresh weights: the control that says what training added. Each
+        seed is a model of its own in results tables (``-random`` for seed 0, ``-random-seed<k>`` else)."""
         suffix = "-random" if seed == 0 else f"-random-seed{seed}"
-        return replace(self, name=self.name + suffix, label=f"{self.label}-random", random_init=True, seed=seed)
+        return replace(self, name=self.name + suffix, label=self.label + suffix, random_init=True, seed=seed)
 
 
 def _same(source: ModelSource, **kwargs) -> dict:

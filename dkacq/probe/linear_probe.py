@@ -7,6 +7,7 @@ from torch.nn import functional
 from torchmetrics import CatMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from dkacq.data.sampling import check_num_passages
 from dkacq.probe.heads import Head, build_head
 
 
@@ -35,6 +36,7 @@ class LinearProbe(LightningModule):
             hidden_size: vector size of the probed layer; read from the cache when not given.
         """
         super().__init__()
+        check_num_passages(num_passages)
         self.save_hyperparameters()
         self.head_module = build_head(head, hidden_size, num_passages) if hidden_size else None
         self.accuracy = torch.nn.ModuleDict(

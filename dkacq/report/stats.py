@@ -6,7 +6,6 @@ outcomes are paired and McNemar's exact test is the right one: under the null hy
 discordant pairs split 50/50 between the two models.
 """
 
-import csv
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 from scipy.stats import binom
+
+from dkacq.formats.results import read_rows
 
 PROBES: tuple[str, ...] = ("concat", "passage_only", "query_aware")
 """Probe heads in report order; ``concat`` is the study's probe."""
@@ -44,6 +45,8 @@ class ProbeResult:
     test_acc: float
     predictions: Path | None
     """Absolute path of the safetensors file with the per-example outcomes, if the row has one."""
+    num_train: int = 0
+    num_test: int = 0
 
     @property
     def curve_key(self) -> tuple[str, str, int, str, str]:
@@ -80,23 +83,26 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
     """
     rows: list[ProbeResult] = []
     for path in map(Path, paths):
-        with path.open(newline="") as handle:
-            for record in csv.DictReader(handle):
-                predictions = record["predictions"].strip()
-                rows.append(
-                    ProbeResult(
-                        dataset=record["dataset"],
-                        model=record["model"],
-                        pooling=record["pooling"],
-                        num_passages=int(record["num_passages"]),
-                        layer=int(record["layer"]),
-                        probe=record["probe"],
-                        best_epoch=int(record["best_epoch"]),
-                        val_acc=float(record["val_acc"]),
-                        test_acc=float(record["test_acc"]),
-                        predictions=(path.parent / predictions).resolve() if predictions else None,
-                    )
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such results table")
+        for record in read_rows(path):
+            predictions = record["predictions"].strip()
+            rows.append(
+                ProbeResult(
+                    dataset=record["dataset"],
+                    model=record["model"],
+                    pooling=record["pooling"],
+                    num_passages=int(record["num_passages"]),
+                    layer=int(record["layer"]),
+                    probe=record["probe"],
+                    best_epoch=int(record["best_epoch"]),
+                    val_acc=float(record["val_acc"]),
+                    test_acc=float(record["test_acc"]),
+                    num_train=int(record.get("num_train") or 0),
+                    num_test=int(record.get("num_test") or 0),
+                    predictions=(path.parent / predictions).resolve() if predictions else None,
                 )
+            )
     seen: set[tuple] = set()
     for row in rows:
         if row.probe not in PROBES:

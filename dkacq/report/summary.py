@@ -63,20 +63,27 @@ def _best(points: Sequence[ProbeResult]) -> ProbeResult:
     return max(points, key=lambda row: (row.test_acc, -row.layer))
 
 
+def _sizes(points: Sequence[ProbeResult]) -> str:
+    """The examples a curve's probes saw: one figure, or each distinct one where layers differ."""
+    sizes = sorted({(row.num_train, row.num_test) for row in points})
+    return ", ".join(f"{train:,} / {test:,}" for train, test in sizes)
+
+
 def _accuracy_table(curves: list[list[ProbeResult]], versus_base: Mapping[tuple, str]) -> str:
     rows = []
     for points in curves:
         first, last, best = points[0], points[-1], _best(points)
         rows.append([
-            first.dataset, first.pooling, first.model, first.num_passages, first.probe, len(points), last.layer,
-            _acc(last.test_acc), best.layer, _acc(best.test_acc), versus_base.get(first.curve_key, MISSING),
+            first.dataset, first.pooling, first.model, first.num_passages, first.probe, _sizes(points), len(points),
+            last.layer, _acc(last.test_acc), best.layer, _acc(best.test_acc), versus_base.get(first.curve_key, MISSING),
         ])
     return (
         "### Accuracy per probe\n\n"
-        "Test accuracy of the probe at the last layer and at its best layer. *Layers ≠ base*: layers whose "
+        "Test accuracy of the probe at the last layer and at its best layer. *Train / test*: examples the "
+        "probes were trained on and tested on. *Layers ≠ base*: layers whose "
         "outcomes differ from the base model's (McNemar exact test, Bonferroni over the compared layers, "
         "alpha 0.05) out of the layers compared.\n\n"
-        + _table(["dataset", "pooling", "model", "N", "probe", "layers", "last layer", "last-layer acc",
+        + _table(["dataset", "pooling", "model", "N", "probe", "train / test", "layers", "last layer", "last-layer acc",
                   "best layer", "best acc", "layers ≠ base"], rows)
     )
 

@@ -1,0 +1,138 @@
+"""The results table (``results.csv``) and the per-example outcome files of probes: their one owner.
+
+A row is one tested probe. Its cell (dataset, model, pooling, N, layer, head) is what a report shows;
+its ``cell_id`` is the digest of every option and input that produced it (:mod:`dkacq.formats.identity`),
+whose full text is stored in the row's outcome file. A table never holds two rows of one cell with
+different identities: such a write is refused, because a report could not tell which one to show.
+Writes take a file lock, so concurrent processes never lose each other's rows.
+"""
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from dkacq.formats.atomic import atomic_write, file_lock
+from dkacq.formats.identity import canonical, differences, digest
+
+RESULT_COLUMNS = (
+    "dataset", "model", "pooling", "num_passages", "layer", "probe", "best_epoch", "val_acc", "test_acc",
+    "num_train", "num_val", "num_test", "preset", "random_init", "init_seed", "standardize", "max_examples",
+    "max_epochs", "learning_rate", "batch_size", "val_fraction", "seed", "precision", "weights",
+    "data_fingerprint", "cell_id", "config", "predictions",
+)
+CELL_KEY = ("dataset", "model", "pooling", "num_passages", "layer", "probe")
+"""The columns a report shows a row under."""
+
+
+class ResultConflictError(ValueError):
+    """A results table already holds this cell from other settings."""
+
+
+@dataclass(frozen=True)
+class ProbeCell:
+    """One probe to fit: what a report shows it as, and the identity of everything that produced it."""
+
+    dataset: str
+    model: str
+    pooling: str
+    num_passages: int
+    layer: int
+    probe: str
+    identity: dict
+
+    @property
+    def id(self) -> str:
+        return digest(self.identity)
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(str(getattr(self, column)) for column in CELL_KEY)
+
+    @property
+    def name(self) -> str:
+        """File name of the cell's outputs: readable, and unique to its identity."""
+        return f"{self.dataset}-{self.model}-{self.pooling}-N{self.num_passages}-{self.probe}-layer{self.layer:02d}-{self.id}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.dataset} {self.model} {self.pooling} N={self.num_passages} layer {self.layer} {self.probe}"
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a results table (none when it does not exist yet)."""
+    if not path.exists():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def write_predictions(path: Path, outcomes: dict[str, torch.Tensor], identity: dict) -> None:
+    """Per-example outcomes of a tested probe, with the identity of the cell in the file's metadata."""
+    atomic_write(path, lambda temporary: save_file(outcomes, str(temporary), metadata={"identity": canonical(identity)}))
+
+
+def read_identity(path: Path) -> dict | None:
+    """The identity stored in an outcome file, or None when the file or its metadata is missing."""
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            text = (file.metadata() or {}).get("identity")
+    except (OSError, ValueError):
+        return None
+    return json.loads(text) if text else None
+
+
+def _row_key(row: dict) -> tuple[str, ...]:
+    return tuple(str(row.get(column, "")) for column in CELL_KEY)
+
+
+def conflict(path: Path, rows: list[dict[str, str]], cell: ProbeCell) -> str | None:
+    """A one-line reason why ``cell`` cannot go into the table at ``path``, or None."""
+    for row in rows:
+        if _row_key(row) != cell.key or row.get("cell_id") == cell.id:
+            continue
+        old = read_identity(path.parent / row["predictions"]) if row.get("predictions") else None
+        changed = differences(old, cell.identity) if old else f"cell_id {row.get('cell_id') or 'unknown'} -> {cell.id}"
+        return (
+            f"{path} already holds {cell.label} from other settings ({changed}); "
+            f"give these settings another results.run_dir, or remove that row"
+        )
+    return None
+
+
+def check_cells(path: Path, cells: list[ProbeCell]) -> None:
+    """Refuse, before any work, cells that the table holds from other settings."""
+    rows = read_rows(path)
+    for cell in cells:
+        reason = conflict(path, rows, cell)
+        if reason:
+            raise ResultConflictError(reason)
+
+
+def finished_ids(path: Path) -> set[str]:
+    """The identities of the cells the table holds a result for."""
+    return {row["cell_id"] for row in read_rows(path) if row.get("cell_id")}
+
+
+def upsert_result(path: Path, cell: ProbeCell, values: dict) -> None:
+    """Write the row of ``cell`` into the table, replacing an earlier row of the same identity."""
+    new = {column: values.get(column, "") for column in RESULT_COLUMNS}
+    new.update({column: getattr(cell, column) for column in CELL_KEY}, cell_id=cell.id)
+    with file_lock(path):
+        rows = read_rows(path)
+        reason = conflict(path, rows, cell)
+        if reason:
+            raise ResultConflictError(reason)
+        rows = [row for row in rows if row.get("cell_id") != cell.id] + [new]
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "w", newline="") as file:
+                writer = csv.DictWriter(file, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(path, write)
