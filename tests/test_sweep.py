@@ -70,3 +70,44 @@ def test_stopped_sweep_resumes_each_cell_once(tmp_path, tiny_bert_dir, probe_fil
         rows = list(csv.DictReader(file))
     assert len(rows) == len(expected)
     assert (tmp_path / "study" / "report" / "report.md").exists()
+
+
+def test_a_sweep_rerun_with_other_settings_is_refused_before_any_work(tmp_path, tiny_bert_dir, probe_files, monkeypatch):
+    """Raising max_examples and epochs used to skip every cell and report the old numbers."""
+    from dkacq.attribution.module import AttributionConflictError
+    from dkacq.formats.results import ResultConflictError
+
+    monkeypatch.chdir(tmp_path)
+    study_path = tmp_path / "study.yaml"
+    study = yaml.safe_load(open(_study(tmp_path, tiny_bert_dir, probe_files)))
+    study["probes"]["settings"] = [{"encoder": "bert-mean", "model": str(tiny_bert_dir), "max_examples": 60,
+                                    "layers": [2]}]
+    study["probes"]["num_passages"] = [2]
+    encoder = [f"--model.encoder.query.model={tiny_bert_dir}", f"--model.encoder.passage.model={tiny_bert_dir}"]
+    study["attributions"] = [{"model": "bert-mean", "name": "tiny", "options": [*encoder, "--model.steps=2",
+                                                                                 "--data.max_examples=2"]}]
+    study_path.write_text(yaml.safe_dump(study))
+    main(["sweep", "--config", str(study_path)])
+    results = tmp_path / "study" / "probe" / "results.csv"
+    before = results.read_bytes()
+    counts = (tmp_path / "study" / "attribution" / "tiny" / "counts.safetensors").read_bytes()
+    caches = sorted(path.name for path in (tmp_path / "cache" / "toy").iterdir())
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a probe was fitted")
+
+    monkeypatch.setattr(Trainer, "fit", no_fit)
+    main(["sweep", "--config", str(study_path)])  # the same settings: every cell is done
+    study["probes"]["settings"][0]["max_examples"] = 80
+    study_path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ResultConflictError, match="max_examples 60 -> 80") as error:
+        main(["sweep", "--config", str(study_path)])
+    assert "\n" not in str(error.value)
+    study["probes"]["settings"][0]["max_examples"] = 60
+    study["attributions"][0]["options"][-2] = "--model.steps=3"
+    study_path.write_text(yaml.safe_dump(study))
+    with pytest.raises(AttributionConflictError, match="steps 2 -> 3"):
+        main(["sweep", "--config", str(study_path)])
+    assert results.read_bytes() == before
+    assert (tmp_path / "study" / "attribution" / "tiny" / "counts.safetensors").read_bytes() == counts
+    assert sorted(path.name for path in (tmp_path / "cache" / "toy").iterdir()) == caches
