@@ -25,7 +25,7 @@ def peak_mib() -> float:
 def step(name: str, folder: Path, queries: int, passages: int) -> float:
     import torch
 
-    from dkacq.data.probe_datamodule import ProbeExamples
+    from dkacq.datamodules.probe import ProbeExamples
     from dkacq.encoders.cache import EmbeddingCache, LayerFileWriter, layer_file, publish, staging_folder
     from dkacq.probe.heads import build_head
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from dkacq.attribution.module import AttributionModule
 from dkacq.cli import main
-from dkacq.data.text_datamodule import TextDataModule
+from dkacq.datamodules.texts import TextDataModule
 
 
 def test_repllama_resolves_offline(capsys):

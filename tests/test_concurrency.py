@@ -30,7 +30,7 @@ def test_concurrent_upserts_lose_no_row(tmp_path):
 
 
 def _prepare(options: dict, queue) -> None:
-    from dkacq.data.probe_datamodule import ProbeDataModule
+    from dkacq.datamodules.probe import ProbeDataModule
     from dkacq.encoders import extraction
 
     builds = []

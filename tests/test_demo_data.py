@@ -10,9 +10,17 @@ import statistics
 
 import pytest
 
+import importlib.util
+import sys
+from pathlib import Path
+
 from dkacq.data import demo
-from dkacq.data.demo import build
 from dkacq.data.examples import EXAMPLE_COLUMNS, load_probe_set
+
+_SCRIPT = Path(__file__).parents[1] / "scripts" / "build_demo_set.py"
+_spec = importlib.util.spec_from_file_location("build_demo_set", _SCRIPT)
+build = sys.modules["build_demo_set"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(build)
 
 NEGATIVES = [f"negative_context_{k}" for k in range(4)]
 

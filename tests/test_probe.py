@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from dkacq.data.probe_datamodule import ProbeDataModule
+from dkacq.datamodules.probe import ProbeDataModule
 from dkacq.encoders.cache import CacheMismatchError
 from dkacq.probe.heads import build_head
 from dkacq.probe.linear_probe import LinearProbe

@@ -5,19 +5,19 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from safetensors.torch import save_file
 
 from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds, counts_to_tensors
 from dkacq.attribution.ig import PathRule, neuron_scores
 from dkacq.attribution.targets import Target, find_targets
-from dkacq.data.text_datamodule import TextDataModule, TextSide
+from dkacq.data.examples import TextSide
 from dkacq.encoders.loading import load_encoders, weights_identity
 from dkacq.encoders.presets import PRESETS, EncoderPreset
 from dkacq.encoders.text_encoder import TextEncoder
 from dkacq.formats.atomic import atomic_write, atomic_write_text
 from dkacq.formats.identity import differences, plain
-from dkacq.provenance import package_versions
+from dkacq.formats.provenance import package_versions
 
 
 class AttributionConflictError(ValueError):
@@ -82,8 +82,9 @@ class AttributionModule(LightningModule):
         """The weights of the side whose texts are attributed."""
         return self.preset.query if self.hparams.text_side == "query" else self.preset.passage
 
-    def identity(self, data: TextDataModule | None, precision: str) -> dict:
-        """Everything the counts depend on; ``data`` must be set up (its texts are hashed)."""
+    def identity(self, data: LightningDataModule | None, precision: str) -> dict:
+        """Everything the counts depend on; ``data``, a set-up text data module
+        (:class:`dkacq.datamodules.texts.TextDataModule`), gives the hash of its texts."""
         side_length = self.preset.query_max_length if self.hparams.text_side == "query" else self.preset.passage_max_length
         return plain({
             "encoder": asdict(self.preset),
@@ -145,7 +146,7 @@ class AttributionModule(LightningModule):
         self.counts.update(scores)
         return len(texts)
 
-    def output_path_for(self, data: TextDataModule | None) -> Path:
+    def output_path_for(self, data: LightningDataModule | None) -> Path:
         if self.hparams.output_dir:
             return Path(self.hparams.output_dir)
         dataset = data.hparams.dataset if data is not None else "texts"

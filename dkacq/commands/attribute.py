@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from dkacq.attribution.module import AttributionModule
 from dkacq.attribution.throughput import TextThroughputBar
 from dkacq.commands.saved_config import SaveConfigBesideOutputs
-from dkacq.data.text_datamodule import TextDataModule
+from dkacq.datamodules.texts import TextDataModule
 from dkacq.encoders.presets import PRESETS, get_preset
 from dkacq.report.figures import plot_attribution_heatmaps
 

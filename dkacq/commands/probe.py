@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from dkacq.data.probe_datamodule import ProbeDataModule
+from dkacq.datamodules.probe import ProbeDataModule
 from dkacq.formats.atomic import atomic_write_text
 from dkacq.formats.identity import digest, without
 from dkacq.formats.results import ProbeCell, check_cells, finished_ids

@@ -28,6 +28,10 @@ EXAMPLE_COLUMNS = (
     "negative_context_3",
 )
 ProbeFormat = Literal["demo", "dpr", "msmarco", "published", "local"]
+TextSide = Literal["query", "passage"]
+"""Which texts of a probe set an encoder reads: the questions or the passages."""
+TEXT_COLUMNS: dict[str, str] = {"query": "question", "passage": "positive_context"}
+"""The column holding each side's texts once per example (a passage side's positives)."""
 DROP_REASONS = ("no_positive", "no_negative")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"

@@ -14,7 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
 from dkacq.data.examples import EXAMPLE_COLUMNS
 from dkacq.encoders.cache import EmbeddingCache, LayerFileWriter, layer_file, publish, staging_folder
 from dkacq.encoders.text_encoder import TextEncoder
-from dkacq.provenance import package_versions
+from dkacq.formats.provenance import package_versions
 
 
 class PooledStatesExtractor(LightningModule):

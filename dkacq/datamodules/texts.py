@@ -7,10 +7,8 @@ from typing import Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from dkacq.data.examples import ProbeFormat
+from dkacq.data.examples import TEXT_COLUMNS, ProbeFormat, TextSide
 from dkacq.data.storage import stored_probe_set
-
-TextSide = Literal["query", "passage"]
 
 
 def _texts_as_list(texts: list[str]) -> list[str]:
@@ -63,8 +61,7 @@ class TextDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         probe_set, _ = self._probe_set()
-        column = "question" if self.hparams.text_side == "query" else "positive_context"
-        texts = list(dict.fromkeys(probe_set[self.hparams.split][column]))
+        texts = list(dict.fromkeys(probe_set[self.hparams.split][TEXT_COLUMNS[self.hparams.text_side]]))
         self.texts = texts[: self.hparams.max_examples]
         if not self.texts:
             raise ValueError(f"no {self.hparams.text_side} texts in the {self.hparams.split} split of {self.hparams.dataset}")
