@@ -17,6 +17,7 @@ from dkacq.attribution.counting import (
     normalize_per_text,
 )
 from dkacq.attribution.targets import Target
+from dkacq.formats.counts import AttributionRun, split_counts_tensors, write_counts, write_summary
 
 THRESHOLDS = (0.1, 0.2)
 
@@ -153,3 +154,32 @@ def test_scores_must_cover_every_target():
     with pytest.raises(ValueError) as error:
         ActiveNeuronCounts(targets).update(scores)
     assert "\n" not in str(error.value) and targets[0].name in str(error.value)
+
+
+def test_counts_file_layout_through_the_owner(tmp_path):
+    """The writer's keys and dtypes, read back with safetensors itself and by the run reader."""
+    intermediate = torch.tensor([[3, 0, 1], [2, 2, 0]], dtype=torch.int64)
+    gate = torch.tensor([[1, 4], [0, 5]], dtype=torch.int64)
+    down = torch.tensor([[0, 1], [1, 1]], dtype=torch.int64)
+    write_summary(tmp_path, {
+        "model": "m", "pooling": "eos", "dataset": "d", "split": "test", "text_side": "query",
+        "thresholds": [0.1, 0.01, 2.5e-05],
+        "kinds": {"intermediate": {"side": "intermediate", "num_layers": 2, "num_neurons": 3},
+                  "gate_proj": {"side": "intermediate", "num_layers": 2, "num_neurons": 2}},
+    })
+    write_counts(tmp_path, {("intermediate", 0.1): intermediate, ("gate_proj", 0.01): gate,
+                            ("gate_proj", 2.5e-05): down}, num_texts=6)
+    expected = {"intermediate@0.1": intermediate, "gate_proj@0.01": gate, "gate_proj@2.5e-05": down,
+                "num_texts": torch.tensor(6, dtype=torch.int64)}
+    stored = load_file(tmp_path / "counts.safetensors")
+    assert stored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert stored[key].dtype == torch.int64 and torch.equal(stored[key], value), key
+    run = AttributionRun.load(tmp_path)
+    assert run.num_texts == 6 and run.kinds == ["gate_proj", "intermediate"]
+    assert (run.counts_at("gate_proj", 2.5e-05) == down.numpy()).all()
+    assert (run.counts_at("intermediate", 0.1) == intermediate.numpy()).all()
+    with pytest.raises(KeyError):
+        run.counts_at("intermediate", 0.2)
+    counts, num_texts = split_counts_tensors(stored)
+    assert num_texts == 6 and counts.keys() == {("intermediate", 0.1), ("gate_proj", 0.01), ("gate_proj", 2.5e-05)}

@@ -64,7 +64,7 @@ def test_a_sweep_checks_every_run_before_running_any(tiny_bert_dir, probe_files,
                    "num_passages": [2], "heads": ["concat"]},
         "attributions": [{"model": "minilm-randon", "name": "typo"}],
     }))
-    with pytest.raises(ValueError, match="unknown model 'minilm-randon'"):
+    with pytest.raises(ValueError, match="unknown preset 'minilm-randon'"):
         main(["sweep", "--config", str(study)])
     assert not (tmp_path / "study").exists()
     assert not list((tmp_path / "cache").rglob("*.safetensors"))

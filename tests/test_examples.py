@@ -15,7 +15,7 @@ from dkacq.data.examples import EXAMPLE_COLUMNS, ProbeDataError, load_probe_set,
 
 
 def ctx(title: str, text: str) -> dict:
-    return {"title": title, "text": text, "score": 0, "title_score": 0, "passage_id": title}
+    return {"title": title, "text": text, "score": 12.5, "title_score": 0, "passage_id": title}
 
 
 def dpr_record(question: str, positives: list[str], negatives: list[str]) -> dict:
@@ -95,11 +95,10 @@ def test_dpr_files_give_the_hand_worked_examples(dpr_files):
         assert rows_of(probe_set[split]) == as_rows(HAND_WORKED[split])
 
 
-def test_dpr_reads_gzipped_files_and_any_buffer_size(dpr_files, tmp_path, monkeypatch):
+def test_dpr_reads_gzipped_files(dpr_files, tmp_path):
     train, test = dpr_files
     gz_train = tmp_path / "train.json.gz"
     gz_train.write_bytes(gzip.compress(train.read_bytes()))
-    monkeypatch.setattr(examples, "_CHUNK_CHARS", 7)
     probe_set = load_probe_set("dpr", str(gz_train), str(test))
     assert rows_of(probe_set["train"]) == as_rows(HAND_WORKED["train"])
     assert rows_of(probe_set["test"]) == as_rows(HAND_WORKED["test"])
@@ -207,28 +206,70 @@ def test_dpr_ctx_without_text(dpr_files):
     assert_one_line(error, "biencoder-nq-adv-hn-train.json", "record 0", "hard_negative_ctxs[3].text")
 
 
-@pytest.mark.parametrize("cut", [0.3, 0.7, 0.999])
-def test_truncated_json_reports_where_like_json_does(dpr_files, cut):
+def record_start(text: str, question: str) -> int:
+    """Where the record of ``question`` begins in the text of a DPR file."""
+    return text.rindex("{", 0, text.index(f'"{question}"'))
+
+
+@pytest.mark.parametrize(
+    ("cut", "record"),
+    [
+        (lambda text: 0, 0),  # an empty file
+        (lambda text: record_start(text, "q1") + 40, 1),  # inside record 1
+        (lambda text: record_start(text, "q2"), 2),  # after the comma that follows record 1
+        (lambda text: text.rindex("]"), 3),  # after the last record, before the closing bracket
+    ],
+)
+def test_truncated_json_names_the_record_it_cuts(dpr_files, cut, record):
     train, test = dpr_files
     text = train.read_text()
-    text = text[: int(len(text) * cut)]
-    train.write_text(text)
-    with pytest.raises(json.JSONDecodeError) as reference:
-        json.loads(text)
+    train.write_text(text[: cut(text)])
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("dpr", str(train), str(test))
-    e = reference.value
     assert str(error.value) == (
-        f"biencoder-nq-adv-hn-train.json: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}"
+        f"biencoder-nq-adv-hn-train.json: not valid JSON at record {record} (parse error: premature EOF)"
     )
 
 
-def test_json_that_is_not_a_list(dpr_files):
+@pytest.mark.parametrize(
+    ("edit", "record", "detail"),
+    [
+        (lambda text: text.replace('"q1"', "q1"), 1, "lexical error: invalid char in json text."),
+        (
+            lambda text: text.replace("\n    },\n    {", "\n    }\n    {", 1),  # no comma after record 0
+            1,
+            "parse error: after array element, I expect ',' or ']'",
+        ),
+        (lambda text: text + "[]", 3, "parse error: trailing garbage"),
+        (lambda text: text.replace("P3", "\udce9"), 2, "lexical error: invalid bytes in UTF8 string."),
+    ],
+)
+def test_json_syntax_error_names_the_record_it_is_in(dpr_files, edit, record, detail):
     train, test = dpr_files
-    train.write_text('{"question": "q"}')
+    train.write_bytes(edit(train.read_text()).encode("utf-8", "surrogateescape"))
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("dpr", str(train), str(test))
-    assert_one_line(error, "biencoder-nq-adv-hn-train.json", "not a JSON list")
+    assert str(error.value) == f"biencoder-nq-adv-hn-train.json: not valid JSON at record {record} ({detail})"
+
+
+def test_truncated_gzip_file(dpr_files, tmp_path):
+    train, test = dpr_files
+    gz_train = tmp_path / "train.json.gz"
+    gz_train.write_bytes(gzip.compress(train.read_bytes())[:-12])
+    with pytest.raises(ProbeDataError) as error:
+        load_probe_set("dpr", str(gz_train), str(test))
+    assert_one_line(error, "train.json.gz: cannot be read (", "end-of-stream")
+
+
+@pytest.mark.parametrize("text", ['{"question": "q"}', '\n  {"item": {"question": "q"}}', '"q"'])
+def test_json_that_is_not_a_list(dpr_files, text):
+    train, test = dpr_files
+    train.write_text(text)
+    with pytest.raises(ProbeDataError) as error:
+        load_probe_set("dpr", str(train), str(test))
+    assert str(error.value) == (
+        f"biencoder-nq-adv-hn-train.json: not a JSON list of records (it starts with {text.strip()[0]!r})"
+    )
 
 
 def test_local_file_missing_a_column(tmp_path):

@@ -1,5 +1,6 @@
 """Figures built from small synthetic inputs written here; the builders are shared with test_summary."""
 
+import ast
 import csv
 import json
 from pathlib import Path
@@ -11,14 +12,14 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import dkacq.report
-from dkacq.report.figures import (
+from dkacq.probe.heads import HEADS
+from dkacq.report.attribution_figures import (
     bin_max_percentages,
     plot_active_fraction_vs_threshold,
     plot_attribution_comparison,
     plot_attribution_heatmaps,
-    plot_probe_curves,
-    probe_curve_series,
 )
+from dkacq.report.probe_figures import HEAD_STYLES, plot_probe_curves, probe_curve_series
 from dkacq.report.published import compare_with_published, published_curve
 from dkacq.report.stats import read_results
 
@@ -193,3 +194,16 @@ def test_attribution_figures_are_pngs(tmp_path):
     with pytest.raises(KeyError):
         plot_attribution_heatmaps(tuned, tmp_path / "missing.png", 0.3)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["compare.png", "fraction.png", "heat.png"]
+
+
+def test_report_reads_runs_only_through_the_counts_owner():
+    """No module of dkacq/report spells a counts key ("kind@threshold") or a run folder's file names."""
+    for path in Path(dkacq.report.__file__).parent.glob("*.py"):
+        strings = [node.value for node in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(node, ast.Constant) and isinstance(node.value, str)]
+        for text in strings:
+            assert "@" not in text and "counts.safetensors" not in text and "summary.json" not in text, (path, text)
+
+
+def test_every_probe_head_has_a_line_style():
+    assert set(HEAD_STYLES) == set(HEADS) == set(PROBES)

@@ -77,7 +77,7 @@ def pooled_norm(encoder: TextEncoder, batch: dict, parameters: dict[str, torch.T
 
 
 def naive_scores(encoder: TextEncoder, texts: list[str], targets: list, rule: str, steps: int) -> dict[str, torch.Tensor]:
-    """SPEC section 4 literally: per text (batch 1, tokenized alone), per target, per alpha: W' = alpha W,
+    """The published algorithm literally: per text (batch 1, tokenized alone), per target, per alpha: W' = alpha W,
     b' = alpha b, forward, gradient of F with respect to W', accumulate; A = W * sum; s_i = sum_j |A_ij|."""
     alphas, weights = alphas_and_weights(rule, steps)
     scores = {}

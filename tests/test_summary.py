@@ -8,6 +8,16 @@ import pytest
 from safetensors.numpy import load_file
 from scipy.stats import binomtest
 
+from dkacq.encoders.presets import (
+    BACKBONES,
+    POOLING_BASES,
+    PRESETS,
+    STUDY_ORDER,
+    base_model_for,
+    control_label,
+    model_sort_key,
+    split_control_label,
+)
 from dkacq.report.summary import write_report
 from test_figures import (
     LAYERS,
@@ -156,3 +166,29 @@ def test_base_model_override_and_no_overlay(tmp_path):
 def test_report_without_inputs(tmp_path):
     report = write_report([], [], tmp_path / "empty")
     assert report.read_text() == "# dkacq report\n\nNo inputs.\n"
+
+
+def test_model_facts_beside_the_presets():
+    labels = {preset.label for preset in PRESETS.values()}
+    assert STUDY_ORDER == ("bert-base-uncased", "dpr-question", "dpr-context", "dpr-paired", "contriever", "llama",
+                           "repllama", "minilm", "smollm")
+    assert set(BACKBONES) | set(BACKBONES.values()) | set(POOLING_BASES.values()) <= labels
+    assert [base_model_for(p) for p in ("cls", "mean", "eos", "eos_reference", "other")] == [
+        "bert-base-uncased", "bert-base-uncased", "llama", "llama", None]
+    assert base_model_for("mean", {"mean": "minilm-random"}) == "minilm-random"
+    for seed, label in [(0, "minilm-random"), (3, "minilm-random-seed3")]:
+        assert control_label("minilm", seed) == label == PRESETS["minilm"].randomized(seed).label
+        assert split_control_label(label) == ("minilm", seed)
+    assert split_control_label("minilm") is None and split_control_label("randomized") is None
+    shuffled = ["zeta", "minilm-random-seed2", "dpr-question", "minilm", "alpha", "minilm-random", "bert-base-uncased"]
+    assert sorted(shuffled, key=model_sort_key) == [
+        "bert-base-uncased", "dpr-question", "minilm", "minilm-random", "minilm-random-seed2", "alpha", "zeta"]
+
+
+def test_runs_compared_with_backbone_and_control(tmp_path):
+    runs = [write_attribution_run(tmp_path / "tuned", TUNED, seed=1),
+            write_attribution_run(tmp_path / "control", control_label(TUNED), seed=2),
+            write_attribution_run(tmp_path / "base", BASE, seed=3)]
+    markdown = write_report([], runs, tmp_path / "out").read_text()
+    compared = re.findall(r"^### (\S+) against (\S+)$", markdown, flags=re.MULTILINE)
+    assert compared == [(TUNED, control_label(TUNED)), (TUNED, BASE)]

@@ -83,9 +83,11 @@ def test_a_sweep_rerun_with_other_settings_is_refused_before_any_work(tmp_path, 
     study["probes"]["settings"] = [{"encoder": "bert-mean", "model": str(tiny_bert_dir), "max_examples": 60,
                                     "layers": [2]}]
     study["probes"]["num_passages"] = [2]
-    encoder = [f"--model.encoder.query.model={tiny_bert_dir}", f"--model.encoder.passage.model={tiny_bert_dir}"]
-    study["attributions"] = [{"model": "bert-mean", "name": "tiny", "options": [*encoder, "--model.steps=2",
-                                                                                 "--data.max_examples=2"]}]
+    study["attributions"] = [{"model": "bert-mean", "name": "tiny", "options": {
+        "model": {"encoder": {"query": {"model": str(tiny_bert_dir)}, "passage": {"model": str(tiny_bert_dir)}},
+                  "steps": 2},
+        "data": {"max_examples": 2},
+    }}]
     study_path.write_text(yaml.safe_dump(study))
     main(["sweep", "--config", str(study_path)])
     results = tmp_path / "study" / "probe" / "results.csv"
@@ -104,7 +106,7 @@ def test_a_sweep_rerun_with_other_settings_is_refused_before_any_work(tmp_path, 
         main(["sweep", "--config", str(study_path)])
     assert "\n" not in str(error.value)
     study["probes"]["settings"][0]["max_examples"] = 60
-    study["attributions"][0]["options"][-2] = "--model.steps=3"
+    study["attributions"][0]["options"]["model"]["steps"] = 3
     study_path.write_text(yaml.safe_dump(study))
     with pytest.raises(AttributionConflictError, match="steps 2 -> 3"):
         main(["sweep", "--config", str(study_path)])

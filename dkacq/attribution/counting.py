@@ -1,13 +1,10 @@
-"""From neuron scores to how often each neuron is active (SPEC section 4).
+"""From neuron scores to how often each neuron is active.
 
 Per text, every score (all modules, all layers) is divided by the text's largest score; a neuron is
 active in a text when its normalised score exceeds a threshold. Over a set of texts, the study
 reports per neuron the percentage of texts in which it is active (``count / num_texts * 100``), shown
-as one heatmap per side (layers x neuron bins).
-
-``counts.safetensors`` (see :func:`counts_to_tensors`) holds one int64 ``[num_layers, num_neurons]``
-tensor per kind and threshold, keyed ``"{kind}@{threshold:g}"`` (``"intermediate@0.1"``), and
-``"num_texts"``, a 0-dim int64 tensor.
+as one heatmap per side (layers x neuron bins). The counts are stored as :mod:`dkacq.formats.counts`
+lays them out.
 """
 
 from collections.abc import Mapping, Sequence
@@ -18,8 +15,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from dkacq.attribution.targets import Target
-
-NUM_TEXTS_KEY = "num_texts"
+from dkacq.formats.counts import counts_tensors, split_counts_tensors
 
 
 def check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -69,21 +65,13 @@ class ActiveCounts:
 
 
 def counts_to_tensors(counts: ActiveCounts) -> dict[str, Tensor]:
-    """The layout of ``counts.safetensors``: ``"{kind}@{threshold:g}"`` -> int64 ``[num_layers, num_neurons]``
-    and ``"num_texts"`` -> int64 0-dim tensor."""
-    tensors = {f"{kind}@{threshold:g}": count.cpu().contiguous() for (kind, threshold), count in counts.counts.items()}
-    tensors[NUM_TEXTS_KEY] = torch.tensor(counts.num_texts, dtype=torch.int64)
-    return tensors
+    """The counts as the tensors of ``counts.safetensors`` (:func:`dkacq.formats.counts.counts_tensors`)."""
+    return counts_tensors(counts.counts, counts.num_texts)
 
 
 def counts_from_tensors(tensors: Mapping[str, Tensor]) -> ActiveCounts:
     """The inverse of :func:`counts_to_tensors`."""
-    counts = {}
-    for key, value in tensors.items():
-        if key != NUM_TEXTS_KEY:
-            kind, threshold = key.rsplit("@", 1)
-            counts[kind, float(threshold)] = value
-    return ActiveCounts(counts, int(tensors[NUM_TEXTS_KEY]))
+    return ActiveCounts(*split_counts_tensors(tensors))
 
 
 class ActiveNeuronCounts(Metric):
@@ -113,7 +101,7 @@ class ActiveNeuronCounts(Metric):
             shape = (1 + max(target.layer for target in of_kind), widths.pop())
             for index in range(len(self.thresholds)):
                 self.add_state(self._state_name(kind, index), torch.zeros(shape, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state(NUM_TEXTS_KEY, torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("num_texts", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     @staticmethod
     def _state_name(kind: str, threshold_index: int) -> str:

@@ -1,4 +1,4 @@
-"""Integrated-gradients attribution of a text's representation to feed-forward neurons (SPEC section 4).
+"""Integrated-gradients attribution of a text's representation to feed-forward neurons.
 
 The published algorithm, for one text and one target module with weight ``W`` ``[out, in]`` and bias
 ``b``: scale ``W`` and ``b`` together by ``alpha`` (everything else fixed), let ``F`` be the L2 norm of
@@ -37,10 +37,8 @@ target that turns the module's output ``Y`` ``[texts, tokens, out]`` into the re
 dimension, so nothing below the module is computed more than once per text. The block's output is
 flattened to ``steps x texts`` rows (row ``k * texts + t`` is text ``t`` at ``alpha_k``) for layers
 ``l+1..L-1``, which run the model's own modules with the recorded arguments selected row by row.
-Measured on all-MiniLM-L6-v2 (8 texts of ~52 tokens, m = 20, one thread, same machine): running all
-layers on the replicas 29.9 s; replicas from the target's layer input (recomputing the layer's lower
-part per replica) 23.0 s, 23.7 s with both targets of a layer in one pass, 32.8 s with every layer's
-replicas in one growing pass; replicas from the target's output (this module) 18.5 s.
+Of the ways to share work across replicas that were measured (docs/design.md), starting them from the
+target's output, as here, was the fastest.
 
 **Precision.** Replicas run in the model's dtype; the weighted sum of gradients, the contraction and
 the scores are accumulated in float32 (float64 when the model runs in float64), so a bf16 model is

@@ -1,21 +1,19 @@
 """AttributionModule: integrated-gradients neuron scores of a text set, counted per threshold."""
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
-from safetensors.torch import save_file
 
-from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds, counts_to_tensors
+from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds
 from dkacq.attribution.ig import PathRule, neuron_scores
 from dkacq.attribution.targets import Target, find_targets
 from dkacq.data.examples import TextSide
 from dkacq.encoders.loading import load_encoders, weights_identity
 from dkacq.encoders.presets import PRESETS, EncoderPreset
 from dkacq.encoders.text_encoder import TextEncoder
-from dkacq.formats.atomic import atomic_write, atomic_write_text
+from dkacq.formats.counts import COUNTS_FILE, SUMMARY_FILE, read_summary, write_counts, write_summary
 from dkacq.formats.identity import differences, plain
 from dkacq.formats.provenance import package_versions
 
@@ -103,11 +101,10 @@ class AttributionModule(LightningModule):
     @staticmethod
     def finished(folder: Path, identity: dict) -> bool:
         """Whether ``folder`` holds the finished counts of ``identity``; raises when it holds other settings."""
-        summary = folder / "summary.json"
-        if not summary.exists():
+        if not (folder / SUMMARY_FILE).exists():
             return False
         try:
-            found = json.loads(summary.read_text()).get("identity")
+            found = read_summary(folder).get("identity")
         except (ValueError, AttributeError):
             found = None
         if found != identity:
@@ -116,7 +113,7 @@ class AttributionModule(LightningModule):
                 f"{folder} holds attribution counts of other settings ({changed}); "
                 f"give model.output_dir another folder, or remove it"
             )
-        return (folder / "counts.safetensors").exists()
+        return (folder / COUNTS_FILE).exists()
 
     def setup(self, stage: str) -> None:
         """Check the output folder before the model is loaded."""
@@ -161,9 +158,8 @@ class AttributionModule(LightningModule):
         if not self.trainer.is_global_zero:
             return
         folder = self.output_path
-        tensors = counts_to_tensors(counts)
-        atomic_write_text(folder / "summary.json", json.dumps(self.summary(counts), indent=2))
-        atomic_write(folder / "counts.safetensors", lambda temporary: save_file(tensors, str(temporary)))
+        write_summary(folder, self.summary(counts))
+        write_counts(folder, counts.counts, counts.num_texts)
 
     def summary(self, counts) -> dict:
         """Everything needed to trace and reproduce the counts."""

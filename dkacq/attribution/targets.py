@@ -1,4 +1,4 @@
-"""Which linear modules of a transformer hold the neurons that attribution scores (SPEC section 4).
+"""Which linear modules of a transformer hold the neurons that attribution scores.
 
 A neuron is one output unit of a target module: one row of its weight (with its bias entry). The
 study scores the feed-forward modules of every layer: BERT-family ``intermediate.dense`` and

@@ -13,8 +13,8 @@ from dkacq.attribution.module import AttributionModule
 from dkacq.attribution.throughput import TextThroughputBar
 from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.datamodules.texts import TextDataModule
-from dkacq.encoders.presets import PRESETS, get_preset
-from dkacq.report.figures import plot_attribution_heatmaps
+from dkacq.encoders.presets import PRESETS, get_preset, split_control_label
+from dkacq.report.attribution_figures import plot_attribution_heatmaps
 
 
 class DkacqTrainer(Trainer):
@@ -49,6 +49,20 @@ class AttributionCLI(LightningCLI):
         parser.link_arguments("data.text_side", "model.text_side")
         parser.add_lightning_class_args(TextThroughputBar, "progress_bar")
 
+    def finished(self) -> bool:
+        """Whether the output folder holds this run's counts already; refuses (one line) a folder that
+        holds counts of other settings. Reads the texts, not the model."""
+        data = self.datamodule
+        data.prepare_data()
+        data.setup("predict")
+        identity = self.model.identity(data, str(self.trainer.precision))
+        return self.model.finished(self.model.output_path_for(data), identity)
+
+    def run_attribution(self) -> None:
+        """Attribute and draw, as ``dkacq attribute`` does (for a CLI built by :func:`build`)."""
+        self.trainer.attribute(self.model, datamodule=self.datamodule)
+        self.after_attribute()
+
     def after_attribute(self) -> None:
         """Draw the study's heatmap per threshold beside the counts, log it to TensorBoard, and print
         the output folder."""
@@ -63,11 +77,18 @@ class AttributionCLI(LightningCLI):
         print(folder)
 
 
+def preset_for(name: str):
+    """A preset by name, or its random-init control for ``<preset>-random`` / ``<preset>-random-seed<k>``."""
+    control = split_control_label(name)
+    if control is not None and control[0] in PRESETS:
+        return get_preset(control[0], random_init=True, seed=control[1])
+    return get_preset(name)
+
+
 def preset_config(name: str) -> dict:
     """The configuration that ``--model NAME`` stands for: the preset's encoder, modules, thresholds
     and precision, spelled out so that ``--print_config`` shows them."""
-    random_init = name.endswith("-random") and name.removesuffix("-random") in PRESETS
-    preset = get_preset(name.removesuffix("-random") if random_init else name, random_init)
+    preset = preset_for(name)
     return {
         "model": {
             "encoder": asdict(preset),
@@ -79,7 +100,7 @@ def preset_config(name: str) -> dict:
 
 
 def expand_model_shorthand(args: list[str]) -> list[str]:
-    """Replace ``--model NAME`` (a preset, or ``NAME-random`` for its random-init control) by the
+    """Replace ``--model NAME`` (a preset, or ``NAME-random[-seed<k>]`` for its random-init control) by the
     configuration it stands for; anything else after ``--model`` is left to the parser."""
     expanded, position = [], 0
     while position < len(args):
@@ -89,27 +110,28 @@ def expand_model_shorthand(args: list[str]) -> list[str]:
             name, step = args[position + 1], 2
         elif argument.startswith("--model="):
             name, step = argument.removeprefix("--model="), 1
-        if name is not None and (name in PRESETS or name.removesuffix("-random") in PRESETS):
+        if name is not None and not name.lstrip().startswith("{") and not Path(name).exists():
             expanded += ["--config", json.dumps(preset_config(name))]
             position += step
-        elif name is not None and not name.lstrip().startswith("{") and not Path(name).exists():
-            raise ValueError(f"unknown model '{name}'; choose a preset ({', '.join(PRESETS)}) or <preset>-random")
         else:
             expanded.append(argument)
             position += 1
     return expanded
 
 
-def run(args: list[str], run: bool = True) -> AttributionCLI:
-    """The attribution CLI on ``args``; with ``run=False`` (no subcommand in ``args``) it only parses
-    and instantiates, so that a sweep can check every run before starting any."""
-    return AttributionCLI(
-        AttributionModule,
-        TextDataModule,
-        trainer_class=DkacqTrainer,
-        save_config_callback=SaveAttributionConfig,
-        seed_everything_default=42,
-        trainer_defaults={"inference_mode": False, "logger": False},
-        args=expand_model_shorthand(args),
-        run=run,
-    )
+CLI_SETTINGS = dict(
+    trainer_class=DkacqTrainer,
+    save_config_callback=SaveAttributionConfig,
+    seed_everything_default=42,
+    trainer_defaults={"inference_mode": False, "logger": False},
+)
+
+
+def build(options: dict) -> AttributionCLI:
+    """The attribution CLI parsed from a config dict and instantiated, without running: what the sweep
+    uses, so that its configs go through the same classes as ``dkacq attribute``'s."""
+    return AttributionCLI(AttributionModule, TextDataModule, args=options, run=False, **CLI_SETTINGS)
+
+
+def run(args: list[str]) -> AttributionCLI:
+    return AttributionCLI(AttributionModule, TextDataModule, args=expand_model_shorthand(args), **CLI_SETTINGS)

@@ -4,10 +4,9 @@ import itertools
 import shutil
 from pathlib import Path
 
-from lightning.pytorch import seed_everything
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
 
 from dkacq.datamodules.probe import ProbeDataModule
 from dkacq.formats.atomic import atomic_write_text
@@ -18,6 +17,9 @@ from dkacq.probe.linear_probe import LinearProbe
 from dkacq.probe.results import ProbeResults
 
 CHECKPOINT_ROOT = Path("checkpoints")
+CLI_SETTINGS = dict(
+    save_config_callback=None, seed_everything_default=42, trainer_defaults={"max_epochs": 30, "deterministic": True}
+)
 IDENTITY_GROUPS = ("seed_everything", "trainer", "model", "data", "checkpoint", "optimizer", "lr_scheduler")
 """The parsed options that can change a probe's numbers: everything of these groups but ``NOT_IDENTITY``.
 The command's own arguments (``heads``, ``ckpt_path``, ``verbose``) and ``results`` are not among them."""
@@ -61,7 +63,7 @@ class ProbeCLI(LightningCLI):
 
     @property
     def run_config(self):
-        """The parsed options of this run (also when built with ``run=False``, as the sweep does)."""
+        """The parsed options of this run (also when built by :func:`build`, without a subcommand)."""
         return self.config[self.subcommand] if self.subcommand else self.config
 
     @property
@@ -94,26 +96,33 @@ class ProbeCLI(LightningCLI):
         run_dir = self.results.run_dir
         return CHECKPOINT_ROOT / f"{run_dir.name}-{digest({'run_dir': str(run_dir.resolve())}, 8)}" / cell.name
 
-    def _instantiate_cell(self, cell: ProbeCell) -> None:
-        """Fresh classes for one cell, seeded as every other cell is."""
-        config = self.run_config
-        config.model.head = cell.probe
-        vars(self).pop("config_dump", None)  # checkpoints record the head from this dump
-        self._dump_config()
-        seed_everything(config.seed_everything, workers=True)
-        results = self.results
-        self.instantiate_classes()
-        self.datamodule.layer = cell.layer
-        self.trainer.checkpoint_callback.dirpath = str(self._checkpoint_folder(cell))
-        if config.trainer.logger in (None, True):
-            self.trainer.loggers = [TensorBoardLogger(self.results.run_dir, name="tensorboard", version=cell.name)]
-        self.results.cell = cell
-        self.results.config_file = results.config_file
+    def options(self) -> dict:
+        """This run's probe config as a plain dict, as ``--print_config`` shows it, without the arguments
+        of the subcommand itself (``ckpt_path``, ``verbose``, ``weights_only``)."""
+        options = yaml.safe_load(self._parser(self.subcommand).dump(self.run_config, skip_none=False))
+        return {key: value for key, value in options.items() if key in (*IDENTITY_GROUPS, "results", "heads")}
+
+    def cell_cli(self, cell: ProbeCell) -> "ProbeCLI":
+        """A fresh CLI for one cell, parsed and instantiated from this run's options with the cell's head,
+        layer, checkpoint folder and (unless the user chose a logger) TensorBoard version: fresh classes
+        and the same seed for every cell."""
+        options = self.options()
+        options["model"]["head"] = cell.probe
+        options["data"]["layers"] = [cell.layer]
+        options["checkpoint"]["dirpath"] = str(self._checkpoint_folder(cell))
+        if options["trainer"].get("logger") in (None, True):
+            options["trainer"]["logger"] = {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(self.results.run_dir), "name": "tensorboard", "version": cell.name},
+            }
+        cli = build(options)
+        cli.results.cell = cell
+        cli.results.config_file = self.results.config_file
+        return cli
 
     def _save_config(self) -> None:
         """This run's options, once per setting, beside its results (every row names its file)."""
-        config = self.run_config
-        text = self._parser(self.subcommand).dump(config, skip_none=False)
+        text = yaml.safe_dump(self.options(), sort_keys=False)
         data = self.datamodule
         name = f"{data.hparams.dataset}-{data.preset.label}-{data.preset.pooling}-N{data.hparams.num_passages}"
         path = self.results.run_dir / "configs" / f"{name}-{digest({'config': text}, 8)}.yaml"
@@ -129,45 +138,45 @@ class ProbeCLI(LightningCLI):
             )
         return str(path)
 
-    def fit(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
+    def fit_cells(self, ckpt_path: str | None = None, **kwargs) -> None:
         """Fit one probe per cell, keep the best validation epoch, test it and record the result.
 
         A cell starts from an empty checkpoint folder, so a cell interrupted earlier starts again cleanly.
         """
         cells = self.plan()
         self._save_config()
-        datamodule.prepare_data()
+        self.datamodule.prepare_data()
         done = finished_ids(self.results.results_path) if self.results.skip_finished else set()
         for cell in cells:
             if cell.id in done:
                 continue
-            self._instantiate_cell(cell)
+            cli = self.cell_cli(cell)
             shutil.rmtree(self._checkpoint_folder(cell), ignore_errors=True)
-            self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=ckpt_path, **kwargs)
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best")
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, **kwargs)
+            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
         print(self.results.results_path)
+
+    def fit(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
+        self.fit_cells(ckpt_path, **kwargs)
 
     def validate(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
         for cell in self.plan():
-            self._instantiate_cell(cell)
-            self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
+            cli = self.cell_cli(cell)
+            cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
 
     def test(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
+        self._save_config()
         for cell in self.plan():
-            self._instantiate_cell(cell)
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
+            cli = self.cell_cli(cell)
+            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
         print(self.results.results_path)
 
 
-def run(args: list[str], run: bool = True) -> ProbeCLI:
-    """The probe CLI on ``args``; with ``run=False`` (no subcommand in ``args``) it only parses and
-    instantiates, for :meth:`ProbeCLI.plan`."""
-    return ProbeCLI(
-        LinearProbe,
-        ProbeDataModule,
-        save_config_callback=None,
-        seed_everything_default=42,
-        trainer_defaults={"max_epochs": 30, "deterministic": True},
-        args=args,
-        run=run,
-    )
+def build(options: dict) -> ProbeCLI:
+    """The probe CLI parsed from a config dict and instantiated, without running a subcommand: what
+    every cell and the sweep use, so that their configs go through the same classes as ``dkacq fit``'s."""
+    return ProbeCLI(LinearProbe, ProbeDataModule, args=options, run=False, **CLI_SETTINGS)
+
+
+def run(args: list[str]) -> ProbeCLI:
+    return ProbeCLI(LinearProbe, ProbeDataModule, args=args, **CLI_SETTINGS)

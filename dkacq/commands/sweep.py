@@ -6,14 +6,20 @@ remaining cell once and none twice. An embedding cache belongs to a setting (not
 is built once. An attribution run is done when its folder holds counts of the same identity.
 """
 
-import json
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from jsonargparse import auto_cli
 
-from dkacq.commands import probe
+from dkacq.commands import attribute, probe
 from dkacq.commands.report import report
+from dkacq.datamodules.texts import TextDataModule
+from dkacq.probe.heads import HEADS, Head
+
+TEXT_DATA_OPTIONS = set(inspect.signature(TextDataModule).parameters)
+"""The shared ``data`` options an attribution run takes (probe-only ones such as N are left out)."""
 
 
 @dataclass
@@ -25,9 +31,9 @@ class ProbeGrid:
     settings: list[dict] = field(default_factory=lambda: [{"encoder": "minilm"}])
     """One dict of ``data`` options per setting, e.g. ``{encoder: minilm, random_init: true}``."""
     num_passages: list[int] = field(default_factory=lambda: [2, 3, 4, 5])
-    heads: list[str] = field(default_factory=lambda: ["concat", "passage_only", "query_aware"])
-    options: list[str] = field(default_factory=list)
-    """Further ``dkacq fit`` arguments for every cell, e.g. ``--trainer.max_epochs=30``."""
+    heads: list[Head] = field(default_factory=lambda: list(HEADS))
+    options: dict = field(default_factory=dict)
+    """Further ``dkacq fit`` options for every cell, as config, e.g. ``{trainer: {max_epochs: 30}}``."""
 
 
 @dataclass
@@ -35,15 +41,54 @@ class AttributionRun:
     """One ``dkacq attribute`` run."""
 
     model: str
-    """A preset name, or ``<preset>-random`` for its random-init control."""
+    """A preset name, or ``<preset>-random`` (``-random-seed<k>``) for its random-init control."""
     name: str
     """Its output folder's name under ``<run_dir>/attribution``."""
-    options: list[str] = field(default_factory=list)
-    """Further ``dkacq attribute`` arguments, e.g. ``--data.text_side=passage``."""
+    options: dict = field(default_factory=dict)
+    """Further ``dkacq attribute`` options, as config, e.g. ``{data: {text_side: passage}}``."""
 
 
-def _option(key: str, value) -> str:
-    return f"--{key}={value if isinstance(value, str) else json.dumps(value)}"
+def merged(base: dict, *overrides: dict) -> dict:
+    """``base`` with each override's keys set, nested mappings merged key by key."""
+    result = dict(base)
+    for override in overrides:
+        for key, value in override.items():
+            if isinstance(value, dict) and isinstance(result.get(key), dict):
+                result[key] = merged(result[key], value)
+            else:
+                result[key] = value
+    return result
+
+
+def probe_configs(run_dir: Path, data: dict, probes: ProbeGrid | None) -> list[dict]:
+    """One ``dkacq fit`` config per setting and N, all writing into ``<run_dir>/probe``."""
+    if probes is None:
+        return []
+    base = yaml.safe_load(Path(probes.config).read_text()) or {}
+    return [
+        merged(
+            base,
+            {"data": data},
+            {"data": setting | {"num_passages": num_passages}},
+            {"heads": list(probes.heads), "results": {"run_dir": str(run_dir / "probe"), "skip_finished": True}},
+            probes.options,
+        )
+        for setting in probes.settings
+        for num_passages in probes.num_passages
+    ]
+
+
+def attribution_configs(run_dir: Path, data: dict, attributions: list[AttributionRun]) -> list[dict]:
+    """One ``dkacq attribute`` config per run: its preset's settings, the shared data, its options."""
+    data = {key: value for key, value in data.items() if key in TEXT_DATA_OPTIONS}
+    return [
+        merged(
+            attribute.preset_config(run.model),
+            {"data": data, "model": {"output_dir": str(run_dir / "attribution" / run.name)}},
+            run.options,
+        )
+        for run in attributions
+    ]
 
 
 def sweep(
@@ -56,8 +101,9 @@ def sweep(
 ) -> Path:
     """Check every probe cell and attribution run, run those not done yet, then write the report.
 
-    Every cell is checked before any runs: options, layers against each model's config, and the
-    results table and attribution folders for results of other settings (refused in one line).
+    Every config is parsed and instantiated with the commands' own classes, and every cell checked,
+    before anything runs: options, layers against each model's config, and the results table and
+    attribution folders for results of other settings (refused in one line).
 
     Args:
         run_dir: the study's folder: ``probe/results.csv``, ``attribution/<name>/``, ``report/``.
@@ -67,46 +113,19 @@ def sweep(
         base_models: pooling -> base model for the report's significance tests.
         published_overlay: draw the study's published curves beside yours.
     """
-    from dkacq.commands import attribute
+    probe_clis = [probe.build(config) for config in probe_configs(run_dir, data or {}, probes)]
+    attribution_clis = [attribute.build(config) for config in attribution_configs(run_dir, data or {}, attributions or [])]
+    for cli in probe_clis:
+        cli.plan()
+    pending = [cli for cli in attribution_clis if not cli.finished()]
 
-    probe_dir = run_dir / "probe"
-    shared = [_option(f"data.{key}", value) for key, value in (data or {}).items()]
-    probe_args = [
-        [
-            "--config", probes.config,
-            *shared,
-            *(_option(f"data.{key}", value) for key, value in setting.items()),
-            _option("data.num_passages", num_passages),
-            _option("heads", probes.heads),
-            _option("results.run_dir", str(probe_dir)),
-            "--results.skip_finished=true",
-            *probes.options,
-        ]
-        for setting in (probes.settings if probes else [])
-        for num_passages in probes.num_passages
-    ]
-    attribution_args = [
-        ["--model", run.model, *shared, _option("model.output_dir", str(run_dir / "attribution" / run.name)), *run.options]
-        for run in attributions or []
-    ]
-    for args in probe_args:
-        probe.run(args, run=False).plan()
-    pending = []
-    for args in attribution_args:
-        cli = attribute.run(args, run=False)
-        cli.datamodule.prepare_data()
-        cli.datamodule.setup("predict")
-        identity = cli.model.identity(cli.datamodule, str(cli.trainer.precision))
-        if not cli.model.finished(cli.model.output_path_for(cli.datamodule), identity):
-            pending.append(args)
-
-    for args in probe_args:
-        probe.run(["fit", *args])
-    for args in pending:
-        attribute.run(["attribute", *args])
+    for cli in probe_clis:
+        cli.fit_cells()
+    for cli in pending:
+        cli.run_attribution()
+    results = run_dir / "probe" / "results.csv"
     attribution_dirs = [run_dir / "attribution" / run.name for run in attributions or []]
-    results = [probe_dir / "results.csv"] if (probe_dir / "results.csv").exists() else []
-    return report(results, attribution_dirs, run_dir / "report", base_models, published_overlay)
+    return report([results] if results.exists() else [], attribution_dirs, run_dir / "report", base_models, published_overlay)
 
 
 def run(args: list[str]) -> None:

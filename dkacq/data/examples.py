@@ -1,4 +1,4 @@
-"""The probe-example schema and the readers that turn every supported source into it (SPEC section 1).
+"""The probe-example schema and the readers that turn every supported source into it.
 
 Every reader returns a ``datasets.DatasetDict`` with the splits ``train`` and ``test`` and the string
 columns ``EXAMPLE_COLUMNS``. Every problem with the input is a ``ProbeDataError`` whose message is one
@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
+import io
 import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple, TextIO
+from typing import Any, Iterator, Literal, NamedTuple
 
 import datasets
+import ijson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -43,10 +44,12 @@ PUBLISHED_SPLITS = {"train": "train", "test": "dev"}
 
 _FEATURES = datasets.Features({column: datasets.Value("string") for column in EXAMPLE_COLUMNS})
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
-_CHUNK_CHARS = 1 << 20
-_JSON_WHITESPACE = " \t\n\r"
-_CUT_OFF_SLACK = 16
+_JSON_WHITESPACE = b" \t\n\r"
 _log = logging.getLogger("dkacq")
+try:
+    _ijson = ijson.get_backend("yajl2_c")
+except ImportError:  # no compiled wheel for this platform: the fastest backend there is
+    _ijson = ijson
 
 
 class ProbeDataError(ValueError):
@@ -245,11 +248,11 @@ def _dpr_split(path: str | os.PathLike, rng: random.Random) -> _Split:
     examples = _ExampleColumns()
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        stream = opener(path, "rt", encoding="utf-8")
+        stream = opener(path, "rb")
     except OSError as error:
         raise ProbeDataError(f"{name}: cannot be opened ({error.strerror or error})") from error
     with stream:
-        for index, record in enumerate(_JsonListReader(stream, name)):
+        for index, record in enumerate(_json_list(stream, name)):
             if not isinstance(record, dict):
                 raise ProbeDataError(f"{name}: record {index} is not a JSON object")
             question = _string(record.get("question"), name, index, "question")
@@ -287,101 +290,37 @@ def _sequence(value: Any, name: str, index: int, field: str) -> list:
     return value
 
 
-class _JsonListReader:
-    """The elements of a file holding one JSON list, decoded one at a time.
+def _json_list(stream: io.BufferedReader | gzip.GzipFile, name: str) -> Iterator[Any]:
+    """The elements of a file holding one JSON list, decoded one at a time by ijson.
 
-    Whole elements are decoded with the stdlib decoder (``raw_decode``) from a growing text buffer,
-    so memory holds one element, not the file. Syntax errors report line and column in the file, as
-    ``json.load`` would.
+    ``items`` would yield nothing for a top-level object (or the value of its key ``"item"``), so the
+    first byte is checked here. The compiled backends' errors give no position, so a syntax error is
+    placed by the record being read when it was found. Numbers that are not integers come as
+    ``Decimal``; the readers use only strings and lists.
     """
-
-    def __init__(self, stream: TextIO, name: str) -> None:
-        self._stream = stream
-        self._name = name
-        self._decoder = json.JSONDecoder()
-        self._buffer = ""
-        self._pos = 0
-        self._line = 1
-        self._column = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        first = self._next_char()
-        if first != "[":
-            if first:
-                raise ProbeDataError(f"{self._name}: not a JSON list of records (it starts with {first!r})")
-            raise self._error("Expecting value")
-        self._pos += 1
-        if self._next_char() == "]":
-            self._pos += 1
-        else:
-            while True:
-                yield self._value()
-                char = self._next_char()
-                if char == "]":
-                    self._pos += 1
-                    break
-                if char != ",":
-                    raise self._error("Expecting ',' delimiter")
-                self._pos += 1
-        if self._next_char():
-            raise self._error("Extra data")
-
-    def _next_char(self) -> str:
-        """Skip whitespace and return the next character, or "" at the end of the file."""
-        while True:
-            while self._pos < len(self._buffer) and self._buffer[self._pos] in _JSON_WHITESPACE:
-                self._pos += 1
-            if self._pos < len(self._buffer) or not self._fill():
-                return self._buffer[self._pos : self._pos + 1]
-
-    def _value(self) -> Any:
-        self._next_char()
-        while True:
-            try:
-                value, end = self._decoder.raw_decode(self._buffer, self._pos)
-            except json.JSONDecodeError as error:
-                if _maybe_cut_off(error, len(self._buffer)) and self._fill():
-                    continue
-                raise self._error(error.msg, error.pos) from None
-            if end < len(self._buffer) or not self._fill():
-                self._pos = end
-                return value
-
-    def _fill(self) -> bool:
-        """Drop the text before the current position and append the next chunk (False at the end)."""
-        try:
-            chunk = self._stream.read(_CHUNK_CHARS)
-        except (OSError, EOFError, UnicodeDecodeError) as error:
-            raise ProbeDataError(f"{self._name}: cannot be read ({_one_line(error)})") from error
-        if not chunk:
-            return False
-        newlines = self._buffer.count("\n", 0, self._pos)
-        if newlines:
-            self._line += newlines
-            self._column = self._pos - self._buffer.rfind("\n", 0, self._pos) - 1
-        else:
-            self._column += self._pos
-        self._buffer = self._buffer[self._pos :] + chunk
-        self._pos = 0
-        return True
-
-    def _error(self, message: str, pos: int | None = None) -> ProbeDataError:
-        pos = self._pos if pos is None else pos
-        newlines = self._buffer.count("\n", 0, pos)
-        if newlines:
-            line, column = self._line + newlines, pos - self._buffer.rfind("\n", 0, pos)
-        else:
-            line, column = self._line, self._column + pos + 1
-        return ProbeDataError(f"{self._name}: not valid JSON (line {line}, column {column}): {message}")
+    records = 0
+    try:
+        while (head := stream.peek(1)[:1]) and head in _JSON_WHITESPACE:
+            stream.read(1)
+        if head and head != b"[":
+            start = head.decode("ascii", "backslashreplace")
+            raise ProbeDataError(f"{name}: not a JSON list of records (it starts with {start!r})")
+        for record in _ijson.items(stream, "item"):
+            yield record
+            records += 1
+    except ijson.JSONError as error:
+        raise ProbeDataError(f"{name}: not valid JSON at record {records} ({_json_error(error)})") from error
+    except (OSError, EOFError) as error:
+        raise ProbeDataError(f"{name}: cannot be read ({_one_line(error)})") from error
 
 
-def _maybe_cut_off(error: json.JSONDecodeError, buffered: int) -> bool:
-    """Whether a decode error may only mean that the element goes on past the buffered text.
-
-    Such errors sit at the end of the buffer, or are a string still open there; any other error is
-    in the file itself and is reported at once instead of after reading the rest of the file.
-    """
-    return error.pos >= buffered - _CUT_OFF_SLACK or error.msg.startswith("Unterminated string")
+def _json_error(error: ijson.JSONError) -> str:
+    """What is wrong, in one line: yajl's message goes on to quote the text around the error over
+    several lines, and comes as bytes when the text is not UTF-8."""
+    message = error.args[0] if error.args else ""
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return str(message).split("\n", 1)[0] or type(error).__name__
 
 
 # --- MS MARCO v1.1 rows ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The random choices of the study: hard-negative sampling and the N-passage draws (SPEC section 1)."""
+"""The random choices of the study: hard-negative sampling and the N-passage draws."""
 
 from __future__ import annotations
 

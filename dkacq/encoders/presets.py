@@ -1,5 +1,10 @@
-"""The study's encoder settings (SPEC section 2) and the offline real-weight presets, as data."""
+"""The study's encoder settings and the offline real-weight presets, as data, and what the report
+knows of the models: their order, which pre-trained model each fine-tuned one started from, the base
+model of each pooling group, and how random-init controls are named.
+"""
 
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from dkacq.encoders.pooling import Pooling
@@ -42,7 +47,7 @@ class EncoderPreset:
     query_max_length: int = 128
     passage_max_length: int = 512
     attribution_kinds: tuple[str, ...] = ("intermediate", "output")
-    """MLP sub-layers whose neurons are attributed (SPEC section 4)."""
+    """Feed-forward sub-layers whose output units are the attributed neurons."""
     attribution_thresholds: tuple[float, ...] = (0.1, 0.2)
     attribution_precision: str = "32-true"
     """Trainer precision for attribution; the 7B models run in ``bf16-true`` as on the study's GPU."""
@@ -56,14 +61,17 @@ class EncoderPreset:
 
     def randomized(self, seed: int = 0) -> "EncoderPreset":
         """The same architecture with fresh weights: the control that says what training added. Each
-        seed is a model of its own in results tables (``-random`` for seed 0, ``-random-seed<k>`` else)."""
-        suffix = "-random" if seed == 0 else f"-random-seed{seed}"
-        return replace(self, name=self.name + suffix, label=self.label + suffix, random_init=True, seed=seed)
+        seed is a model of its own in results tables (:func:`control_label`)."""
+        name, label = control_label(self.name, seed), control_label(self.label, seed)
+        return replace(self, name=name, label=label, random_init=True, seed=seed)
 
 
 def _same(source: ModelSource, **kwargs) -> dict:
     return dict(query=source, passage=source, **kwargs)
 
+
+BERT_LABEL = "bert-base-uncased"
+LLAMA_LABEL = "llama"
 
 BERT = ModelSource("bert-base-uncased")
 DPR_QUESTION = ModelSource("facebook/dpr-question_encoder-single-nq-base")
@@ -80,14 +88,14 @@ _LLAMA_EOS = dict(
 
 PRESETS: dict[str, EncoderPreset] = {
     preset.name: preset
-    for preset in [
-        EncoderPreset("bert-cls", "bert-base-uncased", **_same(BERT), pooling="cls"),
+    for preset in [  # in the study's order, which reports follow (STUDY_ORDER)
+        EncoderPreset("bert-cls", BERT_LABEL, **_same(BERT), pooling="cls"),
         EncoderPreset("dpr-query", "dpr-question", **_same(DPR_QUESTION), pooling="cls"),
         EncoderPreset("dpr-passage", "dpr-context", **_same(DPR_CONTEXT), pooling="cls"),
         EncoderPreset("dpr-paired", "dpr-paired", query=DPR_QUESTION, passage=DPR_CONTEXT, pooling="cls"),
-        EncoderPreset("bert-mean", "bert-base-uncased", **_same(BERT), pooling="mean"),
+        EncoderPreset("bert-mean", BERT_LABEL, **_same(BERT), pooling="mean"),
         EncoderPreset("contriever", "contriever", **_same(ModelSource("facebook/contriever")), pooling="mean"),
-        EncoderPreset("llama", "llama", **_same(ModelSource(LLAMA2)), **_LLAMA_EOS),
+        EncoderPreset("llama", LLAMA_LABEL, **_same(ModelSource(LLAMA2)), **_LLAMA_EOS),
         EncoderPreset(
             "repllama",
             "repllama",
@@ -123,3 +131,64 @@ def get_preset(
     if pooling is not None and pooling != preset.pooling:
         preset = replace(preset, name=f"{preset.name}-{pooling}", pooling=pooling)
     return preset.randomized(seed) if random_init else preset
+
+
+# --------------------------------------------------------------------------- the models in a report
+# Facts about a model label, not a preset's settings: a label names the model in results tables (two
+# presets share bert-base-uncased), and a preset's fields are exactly what produces its numbers (an
+# attribution run records every field in its identity).
+
+BACKBONES: dict[str, str] = {
+    "dpr-question": BERT_LABEL,
+    "dpr-context": BERT_LABEL,
+    "contriever": BERT_LABEL,
+    "repllama": LLAMA_LABEL,
+}
+"""Fine-tuned model -> the pre-trained model it started from: what fine-tuning changed is the
+difference between the two."""
+
+POOLING_BASES: dict[Pooling, str] = {
+    "cls": BERT_LABEL,
+    "mean": BERT_LABEL,
+    "eos": LLAMA_LABEL,
+    "eos_reference": LLAMA_LABEL,
+}
+"""Pooling -> the model whose probes the study tested the pooling group's models against: the
+pre-trained model the group's retrievers were fine-tuned from."""
+
+_CONTROL = re.compile(r"(?P<label>.+)-random(?:-seed(?P<seed>-?\d+))?")
+
+
+def control_label(label: str, seed: int = 0) -> str:
+    """The label (or preset name) of the random-init control of ``label`` with weights of ``seed``:
+    ``<label>-random`` for seed 0, ``<label>-random-seed<k>`` else, each a model of its own in results."""
+    return f"{label}-random" if seed == 0 else f"{label}-random-seed{seed}"
+
+
+def split_control_label(label: str) -> tuple[str, int] | None:
+    """``(trained label, seed)`` of a label that :func:`control_label` made, None for any other label."""
+    match = _CONTROL.fullmatch(label)
+    return (match["label"], int(match["seed"] or 0)) if match else None
+
+
+def backbone_of(label: str) -> str | None:
+    """The pre-trained model that ``label`` was fine-tuned from, if the study fine-tuned it."""
+    return BACKBONES.get(label)
+
+
+def base_model_for(pooling: str, overrides: Mapping[str, str] | None = None) -> str | None:
+    """The base model of a pooling group: ``overrides[pooling]`` if given, else the study's, else None."""
+    return {**POOLING_BASES, **(overrides or {})}.get(pooling)
+
+
+STUDY_ORDER: tuple[str, ...] = tuple(dict.fromkeys(preset.label for preset in PRESETS.values()))
+"""Model labels in the study's order (the order of :data:`PRESETS`)."""
+
+
+def model_sort_key(label: str) -> tuple[int, str, bool, int]:
+    """The study's order; other models alphabetically after; each random-init control right after its
+    model, by seed."""
+    control = split_control_label(label)
+    trained, seed = control or (label, 0)
+    rank = STUDY_ORDER.index(trained) if trained in STUDY_ORDER else len(STUDY_ORDER)
+    return rank, trained, control is not None, seed

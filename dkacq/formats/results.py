@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import numpy as np
 from safetensors import safe_open
+from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
 from dkacq.formats.atomic import atomic_write, file_lock
@@ -74,6 +76,11 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 def write_predictions(path: Path, outcomes: dict[str, torch.Tensor], identity: dict) -> None:
     """Per-example outcomes of a tested probe, with the identity of the cell in the file's metadata."""
     atomic_write(path, lambda temporary: save_file(outcomes, str(temporary), metadata={"identity": canonical(identity)}))
+
+
+def read_correct(path: Path) -> np.ndarray:
+    """An outcome file's per-example correctness (bool ``[num_test]``, True where the probe picked the positive)."""
+    return load_numpy(str(path))["correct"].astype(bool)
 
 
 def read_identity(path: Path) -> dict | None:

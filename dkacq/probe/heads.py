@@ -7,13 +7,14 @@ passage matches the query; with the positive at a random position the query only
 weights from ``q * p_k`` and ``p_k``: the smallest linear probe that can compare query and passage.
 """
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 Head = Literal["concat", "passage_only", "query_aware"]
-HEADS: tuple[str, ...] = ("concat", "passage_only", "query_aware")
+HEADS: tuple[Head, ...] = get_args(Head)
+"""Every probe head, in the order reports show them; ``concat`` (the study's probe) first."""
 
 
 class ConcatHead(nn.Module):

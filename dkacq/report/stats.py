@@ -7,27 +7,16 @@ discordant pairs split 50/50 between the two models.
 """
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 from scipy.stats import binom
 
-from dkacq.formats.results import read_rows
-
-PROBES: tuple[str, ...] = ("concat", "passage_only", "query_aware")
-"""Probe heads in report order; ``concat`` is the study's probe."""
-
-DEFAULT_BASE_MODELS: dict[str, str] = {
-    "cls": "bert-base-uncased",
-    "mean": "bert-base-uncased",
-    "eos": "llama",
-    "eos_reference": "llama",
-}
-"""Base model of each pooling group, as in the study (the models of a group are tested against it)."""
+from dkacq.formats.results import read_correct, read_rows
+from dkacq.probe.heads import HEADS
 
 
 @dataclass(frozen=True)
@@ -105,8 +94,8 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
             )
     seen: set[tuple] = set()
     for row in rows:
-        if row.probe not in PROBES:
-            raise ValueError(f"unknown probe head '{row.probe}'; expected one of {', '.join(PROBES)}")
+        if row.probe not in HEADS:
+            raise ValueError(f"unknown probe head '{row.probe}'; expected one of {', '.join(HEADS)}")
         key = (*row.curve_key, row.layer)
         if key in seen:
             raise ValueError(f"more than one results row for {key}")
@@ -116,8 +105,8 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
 
 @lru_cache(maxsize=256)
 def load_correct(path: Path) -> np.ndarray:
-    """The per-example outcomes (bool [num_test], True where the probe picked the positive)."""
-    return load_file(str(path))["correct"].astype(bool)
+    """The per-example outcomes (bool [num_test], True where the probe picked the positive), read once."""
+    return read_correct(path)
 
 
 def mcnemar_exact(correct_a: Sequence[int] | np.ndarray, correct_b: Sequence[int] | np.ndarray) -> float:
@@ -178,7 +167,3 @@ def significance_vs_base(results: Sequence[ProbeResult], base_model: str, alpha:
             )
     return significance
 
-
-def base_model_for(pooling: str, base_models: Mapping[str, str] | None = None) -> str | None:
-    """The base model of a pooling group: ``base_models[pooling]`` if given, else the study's, else None."""
-    return {**DEFAULT_BASE_MODELS, **(base_models or {})}.get(pooling)

@@ -6,27 +6,19 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from dkacq.report.figures import (
-    SIDES,
-    AttributionRun,
-    atomic_output,
-    model_sort_key,
+from dkacq.encoders.presets import backbone_of, base_model_for, control_label, model_sort_key
+from dkacq.formats.atomic import atomic_write
+from dkacq.formats.counts import SIDES, AttributionRun
+from dkacq.probe.heads import HEADS
+from dkacq.report.attribution_figures import (
     plot_active_fraction_vs_threshold,
     plot_attribution_comparison,
     plot_attribution_heatmaps,
-    plot_probe_curves,
+    run_title,
 )
+from dkacq.report.probe_figures import plot_probe_curves
 from dkacq.report.published import PublishedDifference, compare_with_published
-from dkacq.report.stats import PROBES, ProbeResult, base_model_for, read_results, significance_vs_base
-
-BACKBONES: dict[str, str] = {
-    "dpr-question": "bert-base-uncased",
-    "dpr-context": "bert-base-uncased",
-    "contriever": "bert-base-uncased",
-    "repllama": "llama",
-}
-"""Fine-tuned model -> the pre-trained model it started from; attribution runs of the two are compared
-(as is every model with its ``<model>-random`` control)."""
+from dkacq.report.stats import ProbeResult, read_results, significance_vs_base
 
 MISSING = "–"
 
@@ -54,7 +46,7 @@ def _curves(rows: Iterable[ProbeResult]) -> list[list[ProbeResult]]:
     curves: dict[tuple, list[ProbeResult]] = defaultdict(list)
     for row in rows:
         curves[row.curve_key].append(row)
-    order = sorted(curves, key=lambda k: (k[0], k[1], model_sort_key(k[4]), k[2], PROBES.index(k[3])))
+    order = sorted(curves, key=lambda k: (k[0], k[1], model_sort_key(k[4]), k[2], HEADS.index(k[3])))
     return [sorted(curves[key], key=lambda row: row.layer) for key in order]
 
 
@@ -95,15 +87,15 @@ def _head_table(curves: list[list[ProbeResult]]) -> str:
         heads[(first.dataset, first.pooling, first.model, first.num_passages)][first.probe] = points
 
     def cells(by_head: dict[str, list[ProbeResult]], pick) -> list[str]:
-        return [_acc(pick(by_head[head]).test_acc) if head in by_head else MISSING for head in PROBES]
+        return [_acc(pick(by_head[head]).test_acc) if head in by_head else MISSING for head in HEADS]
 
     return (
         "### Probe heads\n\n"
         "`concat` is the study's probe; `passage_only` is the same probe without the query (what passage "
         "cues alone give); `query_aware` scores each passage with the query (shared weights).\n\n"
         + _table(
-            ["dataset", "pooling", "model", "N", "chance", *(f"{h} (last)" for h in PROBES),
-             *(f"{h} (best)" for h in PROBES)],
+            ["dataset", "pooling", "model", "N", "chance", *(f"{h} (last)" for h in HEADS),
+             *(f"{h} (best)" for h in HEADS)],
             [[*key, _acc(1 / key[3]), *cells(by_head, lambda p: p[-1]), *cells(by_head, _best)]
              for key, by_head in heads.items()],
         )
@@ -116,14 +108,18 @@ def _published_section(rows: list[ProbeResult], out_dir: Path) -> str | None:
     if not differences:
         return None
     name = "published_differences.csv"
-    with atomic_output(out_dir / name) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["dataset", "pooling", "model", "num_passages", "layer", "ours", "published", "difference"])
-        writer.writerows(
-            [d.dataset, d.pooling, d.model, d.num_passages, d.layer, _acc(d.ours), _acc(d.published),
-             _signed(d.difference)]
-            for d in differences
-        )
+
+    def write(temporary: Path) -> None:
+        with temporary.open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["dataset", "pooling", "model", "num_passages", "layer", "ours", "published", "difference"])
+            writer.writerows(
+                [d.dataset, d.pooling, d.model, d.num_passages, d.layer, _acc(d.ours), _acc(d.published),
+                 _signed(d.difference)]
+                for d in differences
+            )
+
+    atomic_write(out_dir / name, write)
     by_curve: dict[tuple, list[PublishedDifference]] = defaultdict(list)
     for d in differences:
         by_curve[(d.dataset, d.pooling, d.model, d.num_passages)].append(d)
@@ -167,14 +163,15 @@ def _probe_sections(
 
 
 def _comparison_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
-    """(fine-tuned or trained run, backbone or random-init run) index pairs on the same texts and pooling."""
+    """(fine-tuned or trained run, backbone or random-init run) index pairs on the same texts and pooling:
+    the difference of the two is what fine-tuning, or training at all, changed."""
     same = ("dataset", "split", "text_side", "pooling")
     return [
         (i, j)
         for i, a in enumerate(runs)
         for j, b in enumerate(runs)
-        if b.model in (BACKBONES.get(a.model), f"{a.model}-random")
-        and all(a.summary[k] == b.summary[k] for k in same)
+        if b.model in (backbone_of(a.model), control_label(a.model))
+        and all(getattr(a, k) == getattr(b, k) for k in same)
         and a.kinds == b.kinds
     ]
 
@@ -183,8 +180,7 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path) -> list[str
     slugs: list[str] = []
     seen: Counter[str] = Counter()
     for run in runs:
-        s = run.summary
-        slug = _slug(f"{s['model']}-{s['pooling']}-{s['dataset']}-{s['split']}-{s['text_side']}")
+        slug = _slug(f"{run.model}-{run.pooling}-{run.dataset}-{run.split}-{run.text_side}")
         seen[slug] += 1
         slugs.append(slug if seen[slug] == 1 else f"{slug}-{seen[slug]}")
     rows = []
@@ -192,8 +188,7 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path) -> list[str
         sides = {run.side(kind) for kind in run.kinds}
         for threshold in run.thresholds:
             rows.append([
-                slug, run.model, run.summary["pooling"], run.summary["dataset"], run.summary["split"],
-                run.summary["text_side"], run.num_texts, f"{threshold:g}",
+                slug, run.model, run.pooling, run.dataset, run.split, run.text_side, run.num_texts, f"{threshold:g}",
                 *(f"{run.active_percentage(side, threshold):.2f}" if side in sides else MISSING for side in SIDES),
             ])
     sections = [
@@ -213,7 +208,7 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path) -> list[str
             name = f"attribution_{slug}_t{threshold:g}.png"
             plot_attribution_heatmaps(run.run_dir, out_dir / name, threshold)
             links.append(f"![heatmap, {slug}, threshold {threshold:g}]({name})")
-        sections.append(f"### {run.title}\n\n" + "\n\n".join(links))
+        sections.append(f"### {run_title(run)}\n\n" + "\n\n".join(links))
     for i, j in _comparison_pairs(runs):
         links = []
         for threshold in (t for t in runs[i].thresholds if t in runs[j].thresholds):
@@ -249,7 +244,5 @@ def write_report(
         sections += _probe_sections(rows, out_dir, base_models, published_overlay)
     if runs:
         sections += _attribution_sections(runs, out_dir)
-    report = out_dir / "report.md"
-    with atomic_output(report) as temporary:
-        temporary.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
-    return report
+    text = "\n\n".join(sections) + "\n"
+    return atomic_write(out_dir / "report.md", lambda temporary: temporary.write_text(text, encoding="utf-8"))
