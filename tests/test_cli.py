@@ -27,6 +27,46 @@ def test_every_shipped_config_parses(config, capsys):
     assert set(yaml.safe_load(config.read_text())) <= set(printed)
 
 
+STUDIES = sorted(path for path in CONFIGS if _command_of(path) == "sweep")
+
+
+@pytest.mark.parametrize("config", STUDIES, ids=lambda path: path.name)
+def test_every_cell_of_every_study_is_instantiated_when_read(config):
+    """A study config is validated in full when it is read: every setting x N and every attribution run
+    is parsed and instantiated by the commands' own classes (models are not loaded)."""
+    from jsonargparse import ArgumentParser
+
+    from dkacq.commands.sweep import study_clis, sweep
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(sweep)
+    options = parser.instantiate_classes(parser.parse_path(str(config)))
+    probe_clis, attribution_clis = study_clis(options.run_dir, options.data, options.probes, options.attributions)
+    study = yaml.safe_load(config.read_text())
+    assert len(probe_clis) == len(study["probes"]["settings"]) * len(study["probes"]["num_passages"])
+    assert len(attribution_clis) == len(study["attributions"])
+    settings = [(cli.datamodule.preset.name, cli.datamodule.hparams.num_passages) for cli in probe_clis]
+    assert len(set(settings)) == len(settings)
+    for cli in attribution_clis:
+        assert cli.model.preset.name and cli.datamodule.hparams.dataset == study["data"]["dataset"]
+
+
+def test_a_typo_in_a_study_is_refused_when_read(tmp_path):
+    from jsonargparse import ArgumentParser
+
+    from dkacq.commands.sweep import study_clis, sweep
+
+    study = yaml.safe_load((Path(__file__).parents[1] / "configs/study/demo.yaml").read_text())
+    study["probes"]["settings"][0]["max_exampels"] = 10
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    parser = ArgumentParser()
+    parser.add_function_arguments(sweep)
+    options = parser.instantiate_classes(parser.parse_path(str(path)))
+    with pytest.raises(SystemExit):
+        study_clis(options.run_dir, options.data, options.probes, options.attributions)
+
+
 def _tiny_fit_args(tiny_bert_dir, probe_files, tmp_path) -> list[str]:
     train, test = probe_files
     return [

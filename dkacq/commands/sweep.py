@@ -91,6 +91,15 @@ def attribution_configs(run_dir: Path, data: dict, attributions: list[Attributio
     ]
 
 
+def study_clis(
+    run_dir: Path, data: dict | None, probes: ProbeGrid | None, attributions: list[AttributionRun] | None
+) -> tuple[list[probe.ProbeCLI], list[attribute.AttributionCLI]]:
+    """Every probe setting and attribution run of a study, parsed and instantiated (nothing loaded or run)."""
+    probe_clis = [probe.build(config) for config in probe_configs(run_dir, data or {}, probes)]
+    attribution_clis = [attribute.build(config) for config in attribution_configs(run_dir, data or {}, attributions or [])]
+    return probe_clis, attribution_clis
+
+
 def sweep(
     run_dir: Path = Path("runs/study"),
     data: dict | None = None,
@@ -113,8 +122,7 @@ def sweep(
         base_models: pooling -> base model for the report's significance tests.
         published_overlay: draw the study's published curves beside yours.
     """
-    probe_clis = [probe.build(config) for config in probe_configs(run_dir, data or {}, probes)]
-    attribution_clis = [attribute.build(config) for config in attribution_configs(run_dir, data or {}, attributions or [])]
+    probe_clis, attribution_clis = study_clis(run_dir, data, probes, attributions)
     for cli in probe_clis:
         cli.plan()
     pending = [cli for cli in attribution_clis if not cli.finished()]
