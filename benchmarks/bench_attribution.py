@@ -115,8 +115,10 @@ def main() -> None:
     texts = SAMPLE_TEXTS[: args.texts]
     batch = encoder.tokenize(texts)
     lengths = batch["attention_mask"].sum(dim=1).tolist()
-    print(f"all-MiniLM-L6-v2, {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens (padded to "
-          f"{batch['input_ids'].shape[1]}), {len(targets)} modules, {STEPS} steps, {args.threads} threads")
+    print(
+        f"all-MiniLM-L6-v2, {len(texts)} texts of {min(lengths)}-{max(lengths)} tokens (padded to "
+        f"{batch['input_ids'].shape[1]}), {len(targets)} modules, {STEPS} steps, {args.threads} threads"
+    )
     print(f"load average before: {os.getloadavg()[0]:.2f}")
     matmul_rate = matmul_gflops()
 
@@ -139,12 +141,16 @@ def main() -> None:
     worst = max(differences, key=differences.get)
     ours, theirs = active_counts(targets, scores), active_counts(targets, reference)
     flops = useful_flops(encoder, lengths, targets)
-    print(f"naive loop: {naive_seconds:.1f} s ({len(pass_seconds)} forward+backward passes, "
-          f"{naive_seconds / len(pass_seconds) * 1e3:.1f} ms each on average; at the median pass time "
-          f"{steady_naive_seconds:.1f} s)")
+    print(
+        f"naive loop: {naive_seconds:.1f} s ({len(pass_seconds)} forward+backward passes, "
+        f"{naive_seconds / len(pass_seconds) * 1e3:.1f} ms each on average; at the median pass time "
+        f"{steady_naive_seconds:.1f} s)"
+    )
     print(f"dkacq neuron_scores: {dkacq_seconds:.2f} s (best of {args.repeats})")
-    print(f"speed ratio: {naive_seconds / dkacq_seconds:.1f}x (at the naive loop's median pass time: "
-          f"{steady_naive_seconds / dkacq_seconds:.1f}x)")
+    print(
+        f"speed ratio: {naive_seconds / dkacq_seconds:.1f}x (at the naive loop's median pass time: "
+        f"{steady_naive_seconds / dkacq_seconds:.1f}x)"
+    )
     print(f"largest score difference: {differences[worst]:.1e} of the module's largest score ({worst})")
     for threshold in THRESHOLDS:
         keys = [key for key in ours if key.endswith(f"@{threshold:g}")]
@@ -152,9 +158,11 @@ def main() -> None:
         differing = sum(int((ours[key] != theirs[key]).sum()) for key in keys)
         print(f"active counts at {threshold:g}: {'identical' if same else f'{differing} neurons differ'}")
     print(f"fp32 matmul rate ({args.threads} threads, 1024^2): {matmul_rate:.0f} GFLOP/s")
-    print(f"useful work: {flops / 1e12:.2f} TFLOP; dkacq {flops / dkacq_seconds / 1e9:.0f} GFLOP/s "
-          f"({flops / dkacq_seconds / 1e9 / matmul_rate:.0%} of the matmul rate), naive loop "
-          f"{flops / steady_naive_seconds / 1e9:.0f} GFLOP/s at its median pass time")
+    print(
+        f"useful work: {flops / 1e12:.2f} TFLOP; dkacq {flops / dkacq_seconds / 1e9:.0f} GFLOP/s "
+        f"({flops / dkacq_seconds / 1e9 / matmul_rate:.0%} of the matmul rate), naive loop "
+        f"{flops / steady_naive_seconds / 1e9:.0f} GFLOP/s at its median pass time"
+    )
 
 
 if __name__ == "__main__":

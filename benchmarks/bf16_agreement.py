@@ -50,19 +50,25 @@ def main() -> None:
     per_text = [spearmanr(full[row].numpy(), half[row].numpy()).statistic for row in range(len(texts))]
     pooled = spearmanr(full.flatten().numpy(), half.flatten().numpy()).statistic
     print(f"all-MiniLM-L6-v2, {len(texts)} texts, {full.shape[1]} neurons per text, bf16 against fp32")
-    print(f"Spearman of scores: mean over texts {sum(per_text) / len(per_text):.4f}, worst text "
-          f"{min(per_text):.4f}, pooled (normalised) {pooled:.4f}")
+    print(
+        f"Spearman of scores: mean over texts {sum(per_text) / len(per_text):.4f}, worst text "
+        f"{min(per_text):.4f}, pooled (normalised) {pooled:.4f}"
+    )
     relative = ((half - full).abs() / full.abs().clamp_min(1e-12))[full > 0.01]
-    print(f"relative score difference where the fp32 normalised score exceeds 0.01: median "
-          f"{float(relative.median()):.1e}, 99th percentile {float(relative.quantile(0.99)):.1e}")
+    print(
+        f"relative score difference where the fp32 normalised score exceeds 0.01: median "
+        f"{float(relative.median()):.1e}, 99th percentile {float(relative.quantile(0.99)):.1e}"
+    )
     full_masks = active_masks({"all": full}, THRESHOLDS)
     half_masks = active_masks({"all": half}, THRESHOLDS)
     for threshold in THRESHOLDS:
         a, b = full_masks[threshold]["all"], half_masks[threshold]["all"]
         jaccard = (a & b).sum() / (a | b).sum()
         count_changes = int((a.sum(dim=0) != b.sum(dim=0)).sum())
-        print(f"threshold {threshold:g}: {int(a.sum())} active (text, neuron) pairs in fp32, {int(b.sum())} in bf16, "
-              f"Jaccard {float(jaccard):.4f}; {count_changes} neurons change their active-text count")
+        print(
+            f"threshold {threshold:g}: {int(a.sum())} active (text, neuron) pairs in fp32, {int(b.sum())} in bf16, "
+            f"Jaccard {float(jaccard):.4f}; {count_changes} neurons change their active-text count"
+        )
 
 
 if __name__ == "__main__":

@@ -77,18 +77,32 @@ def main() -> None:
         folder = Path(tmp) / "cache"
 
         def run(name: str) -> float:
-            command = [sys.executable, __file__, "--step", name, "--folder", str(folder),
-                       "--queries", str(args.queries), "--passages", str(args.passages)]
+            command = [
+                sys.executable,
+                __file__,
+                "--step",
+                name,
+                "--folder",
+                str(folder),
+                "--queries",
+                str(args.queries),
+                "--passages",
+                str(args.passages),
+            ]
             return float(subprocess.run(command, check=True, capture_output=True, text=True).stdout.split()[-1])
 
         baseline, write, probe = run("baseline"), run("write"), run("probe")
     batch_mib = min(BATCH, EXAMPLES) * 6 * DIM * 4 / 2**20
     print(f"one layer {layer_mib:.0f} MiB, whole cache {LAYERS * layer_mib:.0f} MiB ({LAYERS} layers)")
-    print(f"writing the cache: peak {write - baseline:.0f} MiB above baseline = "
-          f"{(write - baseline) / layer_mib:.2f} x one layer, {(write - baseline) / (LAYERS * layer_mib):.3f} x the cache")
-    print(f"probing one layer (one epoch, batch {BATCH}): peak {probe - baseline:.0f} MiB above baseline = "
-          f"{(probe - baseline) / layer_mib:.2f} x one layer, {(probe - baseline) / (LAYERS * layer_mib):.3f} x the cache "
-          f"(a batch's features alone are {batch_mib:.0f} MiB)")
+    print(
+        f"writing the cache: peak {write - baseline:.0f} MiB above baseline = "
+        f"{(write - baseline) / layer_mib:.2f} x one layer, {(write - baseline) / (LAYERS * layer_mib):.3f} x the cache"
+    )
+    print(
+        f"probing one layer (one epoch, batch {BATCH}): peak {probe - baseline:.0f} MiB above baseline = "
+        f"{(probe - baseline) / layer_mib:.2f} x one layer, {(probe - baseline) / (LAYERS * layer_mib):.3f} x the cache "
+        f"(a batch's features alone are {batch_mib:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

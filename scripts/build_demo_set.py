@@ -31,9 +31,9 @@ import re
 import sys
 import textwrap
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -42,8 +42,13 @@ from dkacq.formats.atomic import atomic_write, atomic_write_text
 DEMO_DIR = Path(__file__).resolve().parents[1] / "dkacq" / "data" / "demo"
 SPLIT_FILES = {"train": DEMO_DIR / "train.jsonl.gz", "test": DEMO_DIR / "test.jsonl.gz"}
 COLUMNS = (
-    "question", "positive_context", "negative_context_0", "negative_context_1", "negative_context_2",
-    "negative_context_3", "document",
+    "question",
+    "positive_context",
+    "negative_context_0",
+    "negative_context_1",
+    "negative_context_2",
+    "negative_context_3",
+    "document",
 )
 SEED = 42
 TEST_FRACTION = 0.2
@@ -62,28 +67,158 @@ BM25_B = 0.4
 # in ``if`` blocks, which the reader skips, so a rebuild depends on the Python version only. A module
 # missing from some Python version is skipped.
 MODULES = (
-    "abc", "argparse", "array", "ast", "asyncio.base_events", "asyncio.events", "asyncio.locks",
-    "asyncio.protocols", "asyncio.queues", "asyncio.runners", "asyncio.streams", "asyncio.tasks",
-    "asyncio.timeouts", "asyncio.transports", "base64", "bdb", "binascii", "builtins", "calendar", "cmd",
-    "code", "codecs", "codeop", "collections", "collections.abc", "concurrent.futures._base",
-    "concurrent.futures.process", "concurrent.futures.thread", "configparser", "contextlib", "copy",
-    "cProfile", "csv", "dataclasses", "difflib", "dis", "doctest", "email._header_value_parser",
-    "email.charset", "email.errors", "email.feedparser", "email.generator", "email.header",
-    "email.headerregistry", "email.message", "email.parser", "email.policy", "email.utils", "enum",
-    "filecmp", "fileinput", "fnmatch", "fractions", "ftplib", "functools", "gc", "genericpath", "getopt",
-    "graphlib", "gzip", "hmac", "html.parser", "http.client", "http.cookiejar", "http.cookies",
-    "http.server", "imaplib", "importlib.abc", "importlib.metadata", "importlib.util", "inspect", "io",
-    "ipaddress", "itertools", "json", "json.decoder", "json.encoder", "linecache", "logging",
-    "logging.config", "logging.handlers", "mailbox", "math", "mimetypes", "modulefinder", "ntpath",
-    "numbers", "optparse", "pathlib", "pdb", "pickletools", "pkgutil", "plistlib", "poplib", "posixpath",
-    "pprint", "profile", "pstats", "py_compile", "pydoc", "queue", "quopri", "random", "re", "rlcompleter",
-    "runpy", "sched", "shelve", "shlex", "smtplib", "statistics", "string", "struct", "symtable", "tabnanny",
-    "tarfile", "textwrap", "threading", "timeit", "tokenize", "trace", "traceback", "tracemalloc", "types",
-    "typing", "unittest.case", "unittest.loader", "unittest.mock", "unittest.result", "urllib.parse",
-    "urllib.request", "urllib.robotparser", "uuid", "warnings", "wave", "weakref", "wsgiref.handlers",
-    "wsgiref.headers", "wsgiref.util", "wsgiref.validate", "xml.dom.expatbuilder", "xml.dom.minidom",
-    "xml.etree.ElementTree", "xml.sax.handler", "xml.sax.saxutils", "xml.sax.xmlreader", "xmlrpc.client",
-    "xmlrpc.server", "zipapp", "zipfile", "zipimport", "_pyio",
+    "abc",
+    "argparse",
+    "array",
+    "ast",
+    "asyncio.base_events",
+    "asyncio.events",
+    "asyncio.locks",
+    "asyncio.protocols",
+    "asyncio.queues",
+    "asyncio.runners",
+    "asyncio.streams",
+    "asyncio.tasks",
+    "asyncio.timeouts",
+    "asyncio.transports",
+    "base64",
+    "bdb",
+    "binascii",
+    "builtins",
+    "calendar",
+    "cmd",
+    "code",
+    "codecs",
+    "codeop",
+    "collections",
+    "collections.abc",
+    "concurrent.futures._base",
+    "concurrent.futures.process",
+    "concurrent.futures.thread",
+    "configparser",
+    "contextlib",
+    "copy",
+    "cProfile",
+    "csv",
+    "dataclasses",
+    "difflib",
+    "dis",
+    "doctest",
+    "email._header_value_parser",
+    "email.charset",
+    "email.errors",
+    "email.feedparser",
+    "email.generator",
+    "email.header",
+    "email.headerregistry",
+    "email.message",
+    "email.parser",
+    "email.policy",
+    "email.utils",
+    "enum",
+    "filecmp",
+    "fileinput",
+    "fnmatch",
+    "fractions",
+    "ftplib",
+    "functools",
+    "gc",
+    "genericpath",
+    "getopt",
+    "graphlib",
+    "gzip",
+    "hmac",
+    "html.parser",
+    "http.client",
+    "http.cookiejar",
+    "http.cookies",
+    "http.server",
+    "imaplib",
+    "importlib.abc",
+    "importlib.metadata",
+    "importlib.util",
+    "inspect",
+    "io",
+    "ipaddress",
+    "itertools",
+    "json",
+    "json.decoder",
+    "json.encoder",
+    "linecache",
+    "logging",
+    "logging.config",
+    "logging.handlers",
+    "mailbox",
+    "math",
+    "mimetypes",
+    "modulefinder",
+    "ntpath",
+    "numbers",
+    "optparse",
+    "pathlib",
+    "pdb",
+    "pickletools",
+    "pkgutil",
+    "plistlib",
+    "poplib",
+    "posixpath",
+    "pprint",
+    "profile",
+    "pstats",
+    "py_compile",
+    "pydoc",
+    "queue",
+    "quopri",
+    "random",
+    "re",
+    "rlcompleter",
+    "runpy",
+    "sched",
+    "shelve",
+    "shlex",
+    "smtplib",
+    "statistics",
+    "string",
+    "struct",
+    "symtable",
+    "tabnanny",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "timeit",
+    "tokenize",
+    "trace",
+    "traceback",
+    "tracemalloc",
+    "types",
+    "typing",
+    "unittest.case",
+    "unittest.loader",
+    "unittest.mock",
+    "unittest.result",
+    "urllib.parse",
+    "urllib.request",
+    "urllib.robotparser",
+    "uuid",
+    "warnings",
+    "wave",
+    "weakref",
+    "wsgiref.handlers",
+    "wsgiref.headers",
+    "wsgiref.util",
+    "wsgiref.validate",
+    "xml.dom.expatbuilder",
+    "xml.dom.minidom",
+    "xml.etree.ElementTree",
+    "xml.sax.handler",
+    "xml.sax.saxutils",
+    "xml.sax.xmlreader",
+    "xmlrpc.client",
+    "xmlrpc.server",
+    "zipapp",
+    "zipfile",
+    "zipimport",
+    "_pyio",
 )
 
 _HEADING_RULE = re.compile(r"^\s*([*=\-~^#])\1{2,}\s*$")
@@ -159,7 +294,8 @@ def _module_blocks(module_name: str) -> list[list[str | None]]:
         return blocks
     module = importlib.import_module(module_name)
     public = [
-        obj for name, obj in sorted(vars(module).items())
+        obj
+        for name, obj in sorted(vars(module).items())
         if not name.startswith("_") and getattr(obj, "__module__", None) == module_name
     ]
     functions = [inspect.cleandoc(obj.__doc__ or "") for obj in public if inspect.isroutine(obj)]
@@ -225,9 +361,9 @@ def _is_prose(sentence: str) -> bool:
     words = sentence.split()
     if not MIN_SENTENCE_WORDS <= len(words) <= MAX_SENTENCE_WORDS:
         return False
-    if not (sentence[0].isupper() or sentence[0] in "\"“"):
+    if not (sentence[0].isupper() or sentence[0] in '"“'):
         return False
-    if not sentence.rstrip("\"”)").endswith((".", "!", "?")):
+    if not sentence.rstrip('"”)').endswith((".", "!", "?")):
         return False
     letters = sum(ch.isalpha() or ch.isspace() for ch in sentence)
     return letters >= 0.7 * len(sentence)
@@ -277,8 +413,10 @@ def cloze_examples(grouped: list[tuple[str, list[str]]], rng: random.Random) -> 
     for document, sentences in grouped:
         total = sum(len(s.split()) for s in sentences)
         candidates = [
-            i for i, s in enumerate(sentences)
-            if len(s.split()) >= MIN_QUERY_WORDS and total - len(s.split()) >= MIN_POSITIVE_WORDS
+            i
+            for i, s in enumerate(sentences)
+            if len(s.split()) >= MIN_QUERY_WORDS
+            and total - len(s.split()) >= MIN_POSITIVE_WORDS
             and s not in _rest(sentences, i)
         ]
         if not candidates:
@@ -393,7 +531,8 @@ def encode(rows: list[dict[str, str]]) -> bytes:
 def main() -> None:
     rows = build_rows()
     for split, path in SPLIT_FILES.items():
-        atomic_write(path, lambda temporary, data=encode(rows[split]): temporary.write_bytes(data))
+        data = encode(rows[split])
+        atomic_write(path, lambda temporary, data=data: temporary.write_bytes(data))
     stamp = (
         '"""The shipped offline demo probe set (see docs/demo-data.md); generated by scripts/build_demo_set.py."""\n\n'
         f'BUILT_WITH_PYTHON = "{python_version()}"\n'

@@ -45,8 +45,12 @@ def tiny_bert_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
     )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     _save_tokenizer(folder, "bert")
@@ -58,9 +62,15 @@ def tiny_llama_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(SPECIALS) + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64,
-        bos_token_id=SPECIALS.index("<s>"), eos_token_id=SPECIALS.index("</s>"),
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        bos_token_id=SPECIALS.index("<s>"),
+        eos_token_id=SPECIALS.index("</s>"),
     )
     LlamaModel(config).save_pretrained(folder)
     _save_tokenizer(folder, "llama")
@@ -70,17 +80,34 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_bert_preset(tiny_bert_dir) -> EncoderPreset:
     source = ModelSource(str(tiny_bert_dir))
-    return EncoderPreset("tiny-bert", "tiny-bert", query=source, passage=source, pooling="mean",
-                         query_max_length=16, passage_max_length=32)
+    return EncoderPreset(
+        "tiny-bert",
+        "tiny-bert",
+        query=source,
+        passage=source,
+        pooling="mean",
+        query_max_length=16,
+        passage_max_length=32,
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_preset(tiny_llama_dir) -> EncoderPreset:
     source = ModelSource(str(tiny_llama_dir))
-    return EncoderPreset("tiny-llama", "tiny-llama", query=source, passage=source, pooling="eos",
-                         query_prefix="query: ", passage_prefix="passage: ", normalize=True,
-                         query_max_length=16, passage_max_length=32, attribution_kinds=("gate_proj", "down_proj"),
-                         attribution_thresholds=(0.01,))
+    return EncoderPreset(
+        "tiny-llama",
+        "tiny-llama",
+        query=source,
+        passage=source,
+        pooling="eos",
+        query_prefix="query: ",
+        passage_prefix="passage: ",
+        normalize=True,
+        query_max_length=16,
+        passage_max_length=32,
+        attribution_kinds=("gate_proj", "down_proj"),
+        attribution_thresholds=(0.01,),
+    )
 
 
 def write_probe_files(folder, num_train: int = 120, num_test: int = 40, seed: int = 0) -> tuple[str, str]:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from dkacq.attribution.module import AttributionModule
 from dkacq.cli import main
+from dkacq.data.examples import ProbeDataError
 from dkacq.datamodules.texts import TextDataModule
 
 
@@ -28,7 +29,22 @@ def test_repllama_resolves_offline(capsys):
     assert config["trainer"]["inference_mode"] is False
 
 
-@pytest.mark.parametrize("preset", ["bert-cls", "dpr-query", "dpr-passage", "dpr-paired", "bert-mean", "contriever", "llama", "minilm", "smollm", "minilm-random"])
+@pytest.mark.parametrize(
+    "preset",
+    [
+        "bert-cls",
+        "dpr-query",
+        "dpr-passage",
+        "dpr-paired",
+        "bert-mean",
+        "contriever",
+        "llama",
+        "minilm",
+        "smollm",
+        "smollm-gguf",
+        "minilm-random",
+    ],
+)
 def test_every_preset_prints_its_config(preset, capsys):
     with pytest.raises(SystemExit):
         main(["attribute", f"--model={preset}", "--print_config"])
@@ -41,19 +57,39 @@ def _module(preset, tmp_path, name="run", **kwargs) -> AttributionModule:
 
 def _data(tmp_path, probe_files, **kwargs) -> TextDataModule:
     train, test = probe_files
-    return TextDataModule(dataset="toy", source="local", train_file=train, test_file=test,
-                          cache_dir=str(tmp_path / "cache"), max_examples=9, batch_size=2, **kwargs)
+    return TextDataModule(
+        dataset="toy",
+        source="local",
+        train_file=train,
+        test_file=test,
+        cache_dir=str(tmp_path / "cache"),
+        max_examples=9,
+        batch_size=2,
+        **kwargs,
+    )
 
 
 def test_attribute_writes_counts_and_provenance(tmp_path, probe_files, tiny_bert_dir, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     train, test = probe_files
-    main([
-        "attribute", "--model", "bert-mean", f"--model.encoder.query.model={tiny_bert_dir}",
-        f"--model.encoder.passage.model={tiny_bert_dir}", "--model.steps=3", f"--model.output_dir={tmp_path / 'out'}",
-        "--data.dataset=toy", "--data.source=local", f"--data.train_file={train}", f"--data.test_file={test}",
-        f"--data.cache_dir={tmp_path / 'cache'}", "--data.max_examples=5", "--data.text_side=passage",
-    ])
+    main(
+        [
+            "attribute",
+            "--model",
+            "bert-mean",
+            f"--model.encoder.query.model={tiny_bert_dir}",
+            f"--model.encoder.passage.model={tiny_bert_dir}",
+            "--model.steps=3",
+            f"--model.output_dir={tmp_path / 'out'}",
+            "--data.dataset=toy",
+            "--data.source=local",
+            f"--data.train_file={train}",
+            f"--data.test_file={test}",
+            f"--data.cache_dir={tmp_path / 'cache'}",
+            "--data.max_examples=5",
+            "--data.text_side=passage",
+        ]
+    )
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(tmp_path / "out")
     counts = load_file(tmp_path / "out" / "counts.safetensors")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -71,12 +107,19 @@ def test_attribute_writes_counts_and_provenance(tmp_path, probe_files, tiny_bert
 
 
 def _counts_of(tmp_path, name, preset, probe_files, devices):
-    trainer = Trainer(accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto",
-                      inference_mode=False, logger=False, enable_progress_bar=False)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp_spawn" if devices > 1 else "auto",
+        inference_mode=False,
+        logger=False,
+        enable_progress_bar=False,
+    )
     trainer.predict(_module(preset, tmp_path, name), datamodule=_data(tmp_path, probe_files), return_predictions=False)
     return load_file(tmp_path / name / "counts.safetensors")
 
 
+@pytest.mark.slow
 def test_two_processes_count_what_one_does(tmp_path, probe_files, tiny_llama_preset):
     one = _counts_of(tmp_path, "one", tiny_llama_preset, probe_files, devices=1)
     two = _counts_of(tmp_path, "two", tiny_llama_preset, probe_files, devices=2)
@@ -96,12 +139,14 @@ def test_bad_attribution_input_is_one_line(tmp_path, probe_files, tiny_bert_pres
             module = AttributionModule(tiny_bert_preset, output_dir=str(tmp_path / "x"), **kwargs)
             Trainer(logger=False, inference_mode=False).predict(module, datamodule=_data(tmp_path, probe_files))
         assert "\n" not in str(error.value)
+    train, _ = probe_files
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(Exception, match="empty|no .* texts") as error:
-        data = TextDataModule(dataset="empty", source="local", train_file=str(empty), test_file=str(empty),
-                              cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ProbeDataError, match="holds no records") as error:
+        data = TextDataModule(
+            dataset="void", source="local", train_file=train, test_file=str(empty), cache_dir=str(tmp_path / "cache")
+        )
         data.prepare_data()
         data.setup()
-    assert "\n" not in str(error.value)
+    assert str(error.value) == f"{empty}: holds no records"
     assert not (tmp_path / "x").exists()

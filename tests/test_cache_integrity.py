@@ -13,7 +13,12 @@ from safetensors.torch import load_file
 from dkacq.data.examples import EXAMPLE_COLUMNS
 from dkacq.encoders import extraction
 from dkacq.encoders.cache import (
-    CacheDamagedError, CacheError, LayerFileWriter, layer_file, open_cache, staging_folder,
+    CacheDamagedError,
+    CacheError,
+    LayerFileWriter,
+    layer_file,
+    open_cache,
+    staging_folder,
 )
 from dkacq.encoders.extraction import build_cache
 from dkacq.encoders.loading import load_encoders
@@ -23,12 +28,17 @@ REQUEST = {"model": "tiny-bert", "pooling": "mean"}
 
 def _probe_set() -> DatasetDict:
     words = "the python list dict function class module value return string file error type".split()
-    rows = [[" ".join(words[(i + k) % len(words): (i + k) % len(words) + 3]) + f" {i}" for k in range(6)] for i in range(12)]
+    rows = [
+        [" ".join(words[(i + k) % len(words) : (i + k) % len(words) + 3]) + f" {i}" for k in range(6)]
+        for i in range(12)
+    ]
     columns = {column: [row[k] for row in rows] for k, column in enumerate(EXAMPLE_COLUMNS)}
-    return DatasetDict({
-        "train": Dataset.from_dict({c: v[:8] for c, v in columns.items()}),
-        "test": Dataset.from_dict({c: v[8:] for c, v in columns.items()}),
-    })
+    return DatasetDict(
+        {
+            "train": Dataset.from_dict({c: v[:8] for c, v in columns.items()}),
+            "test": Dataset.from_dict({c: v[8:] for c, v in columns.items()}),
+        }
+    )
 
 
 def _build(folder, preset):
@@ -61,7 +71,8 @@ def test_manifest_records_every_file_size_and_sha256(cache_folder):
     for name in names:
         path = cache_folder / name
         assert manifest["files"][name] == {
-            "bytes": os.stat(path).st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()
+            "bytes": os.stat(path).st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         }
     assert open_cache(cache_folder, REQUEST, verify=True) is not None
 
@@ -121,7 +132,7 @@ def test_zeros_in_place_are_served_without_verify_and_refused_with_it(cache_fold
     assert str(path) in message and "checksum differs" in message
 
 
-@pytest.mark.parametrize("text", ["{\"model\": ", "[1, 2]", "\xff\xfe"])
+@pytest.mark.parametrize("text", ['{"model": ', "[1, 2]", "\xff\xfe"])
 def test_garbage_manifest_is_one_line_naming_it(cache_folder, text):
     (cache_folder / "manifest.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(CacheDamagedError) as error:

@@ -20,11 +20,23 @@ from dkacq.formats.results import ResultConflictError
 def _fit_args(model_dir, probe_files, tmp_path, run="run", **options) -> list[str]:
     train, test = probe_files
     settings = {
-        "data.encoder": "bert-mean", "data.model": str(model_dir), "data.dataset": "toy", "data.source": "local",
-        "data.train_file": train, "data.test_file": test, "data.cache_dir": str(tmp_path / "cache"),
-        "data.batch_size": 32, "data.val_fraction": 0.2, "data.num_passages": 3, "data.layers": "[2]",
-        "trainer.max_epochs": 2, "trainer.enable_progress_bar": "false", "trainer.enable_model_summary": "false",
-        "model.learning_rate": 0.05, "heads": "[concat]", "results.run_dir": str(tmp_path / run),
+        "data.encoder": "bert-mean",
+        "data.model": str(model_dir),
+        "data.dataset": "toy",
+        "data.source": "local",
+        "data.train_file": train,
+        "data.test_file": test,
+        "data.cache_dir": str(tmp_path / "cache"),
+        "data.batch_size": 32,
+        "data.val_fraction": 0.2,
+        "data.num_passages": 3,
+        "data.layers": "[2]",
+        "trainer.max_epochs": 2,
+        "trainer.enable_progress_bar": "false",
+        "trainer.enable_model_summary": "false",
+        "model.learning_rate": 0.05,
+        "heads": "[concat]",
+        "results.run_dir": str(tmp_path / run),
     } | options
     return [f"--{key}={value}" for key, value in settings.items()]
 
@@ -36,8 +48,16 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.parametrize(
     "changed",
-    [{"data.max_examples": 30}, {"trainer.max_epochs": 3}, {"model.learning_rate": 0.01}, {"data.batch_size": 16},
-     {"data.val_fraction": 0.3}, {"data.standardize": "true"}, {"seed_everything": 7}, {"data.seed": 5}],
+    [
+        {"data.max_examples": 30},
+        {"trainer.max_epochs": 3},
+        {"model.learning_rate": 0.01},
+        {"data.batch_size": 16},
+        {"data.val_fraction": 0.3},
+        {"data.standardize": "true"},
+        {"seed_everything": 7},
+        {"data.seed": 5},
+    ],
     ids=lambda changed: next(iter(changed)),
 )
 def test_fit_with_other_settings_into_the_same_run_is_refused_before_any_work(
@@ -48,7 +68,7 @@ def test_fit_with_other_settings_into_the_same_run_is_refused_before_any_work(
     results = tmp_path / "run" / "results.csv"
     before = results.read_bytes()
     caches = sorted(path.name for path in (tmp_path / "cache" / "toy").iterdir())
-    (key, value), = changed.items()
+    ((key, value),) = changed.items()
     with pytest.raises(ResultConflictError) as error:
         main(["fit", *_fit_args(tiny_bert_dir, probe_files, tmp_path, **changed)])
     message = str(error.value)
@@ -61,23 +81,38 @@ def test_fit_with_other_settings_into_the_same_run_is_refused_before_any_work(
 def test_each_random_init_seed_is_its_own_model(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for seed in (0, 1, 2):
-        main(["fit", *_fit_args(tiny_bert_dir, probe_files, tmp_path, **{"data.random_init": "true", "data.init_seed": seed})])
+        main(
+            [
+                "fit",
+                *_fit_args(
+                    tiny_bert_dir, probe_files, tmp_path, **{"data.random_init": "true", "data.init_seed": seed}
+                ),
+            ]
+        )
     rows = _rows(tmp_path / "run" / "results.csv")
     name = Path(tiny_bert_dir).name
     assert sorted(row["model"] for row in rows) == [f"{name}-random", f"{name}-random-seed1", f"{name}-random-seed2"]
     assert sorted(row["init_seed"] for row in rows) == ["0", "1", "2"]
 
 
-def test_rows_record_their_settings_and_a_rerun_replaces_only_its_own_row(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
+def test_rows_record_their_settings_and_a_rerun_replaces_only_its_own_row(
+    tiny_bert_dir, probe_files, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     args = _fit_args(tiny_bert_dir, probe_files, tmp_path)
     main(["fit", *args])
     (row,) = _rows(tmp_path / "run" / "results.csv")
     assert (row["max_epochs"], row["learning_rate"], row["batch_size"], row["val_fraction"], row["seed"]) == (
-        "2", "0.05", "32", "0.2", "42")
+        "2",
+        "0.05",
+        "32",
+        "0.2",
+        "42",
+    )
     assert row["precision"] == "32-true" and row["weights"].startswith("sha256:")
-    stored = json.loads(__import__("safetensors").safe_open(
-        str(tmp_path / "run" / row["predictions"]), "pt").metadata()["identity"])
+    stored = json.loads(
+        __import__("safetensors").safe_open(str(tmp_path / "run" / row["predictions"]), "pt").metadata()["identity"]
+    )
     assert stored["trainer"]["max_epochs"] == 2 and stored["layer"] == 2 and stored["model"]["head"] == "concat"
     assert stored["embeddings"]["weights"]["query"]["model"] == row["weights"]
     config = yaml.safe_load((tmp_path / "run" / row["config"]).read_text())
@@ -111,7 +146,8 @@ def test_checkpoint_dirpath_and_a_users_logger_are_honoured(tiny_bert_dir, probe
     monkeypatch.chdir(tmp_path)
     args = _fit_args(tiny_bert_dir, probe_files, tmp_path) + [
         f"--checkpoint.dirpath={tmp_path / 'mine'}",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path / 'csvlogs'}",
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+        f"--trainer.logger.save_dir={tmp_path / 'csvlogs'}",
     ]
     main(["fit", *args])
     assert len(list((tmp_path / "mine").rglob("best.ckpt"))) == 1
@@ -128,8 +164,11 @@ def test_outputs_get_the_users_umask(tiny_bert_dir, probe_files, tmp_path, monke
     finally:
         os.umask(previous)
     (row,) = _rows(tmp_path / "run" / "results.csv")
-    for path in (tmp_path / "run" / row["predictions"], tmp_path / "run" / "results.csv",
-                 next((tmp_path / "cache").rglob("index.safetensors"))):
+    for path in (
+        tmp_path / "run" / row["predictions"],
+        tmp_path / "run" / "results.csv",
+        next((tmp_path / "cache").rglob("index.safetensors")),
+    ):
         assert path.stat().st_mode & 0o777 == 0o644, path
 
 
@@ -149,16 +188,30 @@ def test_a_cache_of_another_precision_is_refused(tiny_bert_dir, probe_files, tmp
     monkeypatch.chdir(tmp_path)
     main(["fit", *_fit_args(tiny_bert_dir, probe_files, tmp_path)])
     with pytest.raises(CacheMismatchError, match="extraction_precision='32-true' but .*'64-true'"):
-        main(["fit", *_fit_args(tiny_bert_dir, probe_files, tmp_path, run="other",
-                                **{"data.extraction_precision": "64-true"})])
+        main(
+            [
+                "fit",
+                *_fit_args(
+                    tiny_bert_dir, probe_files, tmp_path, run="other", **{"data.extraction_precision": "64-true"}
+                ),
+            ]
+        )
 
 
 def _attribute_args(model_dir, probe_files, tmp_path, steps=3) -> list[str]:
     train, test = probe_files
     return [
-        "--model", "bert-mean", f"--model.encoder.query.model={model_dir}", f"--model.encoder.passage.model={model_dir}",
-        f"--model.steps={steps}", f"--model.output_dir={tmp_path / 'out'}", "--data.dataset=toy", "--data.source=local",
-        f"--data.train_file={train}", f"--data.test_file={test}", f"--data.cache_dir={tmp_path / 'cache'}",
+        "--model",
+        "bert-mean",
+        f"--model.encoder.query.model={model_dir}",
+        f"--model.encoder.passage.model={model_dir}",
+        f"--model.steps={steps}",
+        f"--model.output_dir={tmp_path / 'out'}",
+        "--data.dataset=toy",
+        "--data.source=local",
+        f"--data.train_file={train}",
+        f"--data.test_file={test}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
         "--data.max_examples=3",
     ]
 

@@ -4,8 +4,8 @@ import csv
 from pathlib import Path
 
 import pytest
-import yaml
 import torch
+import yaml
 
 from dkacq.cli import main
 
@@ -70,10 +70,20 @@ def test_a_typo_in_a_study_is_refused_when_read(tmp_path):
 def _tiny_fit_args(tiny_bert_dir, probe_files, tmp_path) -> list[str]:
     train, test = probe_files
     return [
-        "--data.encoder=bert-mean", f"--data.model={tiny_bert_dir}", "--data.dataset=toy", "--data.source=local",
-        f"--data.train_file={train}", f"--data.test_file={test}", f"--data.cache_dir={tmp_path / 'cache'}",
-        "--data.batch_size=32", "--data.val_fraction=0.2", "--data.num_passages=3", "--trainer.max_epochs=3",
-        "--trainer.enable_progress_bar=false", "--heads=[concat, query_aware]", f"--results.run_dir={tmp_path / 'run'}",
+        "--data.encoder=bert-mean",
+        f"--data.model={tiny_bert_dir}",
+        "--data.dataset=toy",
+        "--data.source=local",
+        f"--data.train_file={train}",
+        f"--data.test_file={test}",
+        f"--data.cache_dir={tmp_path / 'cache'}",
+        "--data.batch_size=32",
+        "--data.val_fraction=0.2",
+        "--data.num_passages=3",
+        "--trainer.max_epochs=3",
+        "--trainer.enable_progress_bar=false",
+        "--heads=[concat, query_aware]",
+        f"--results.run_dir={tmp_path / 'run'}",
     ]
 
 
@@ -102,14 +112,29 @@ def test_fit_then_test_every_layer_and_head(tiny_bert_dir, probe_files, tmp_path
     main(["test", *args])
     with open(results) as file:
         retested = list(csv.DictReader(file))
-    assert [(r["probe"], r["layer"], r["test_acc"]) for r in retested] == [(r["probe"], r["layer"], r["test_acc"]) for r in rows]
+    assert [(r["probe"], r["layer"], r["test_acc"]) for r in retested] == [
+        (r["probe"], r["layer"], r["test_acc"]) for r in rows
+    ]
+    from lightning.pytorch import Trainer
+
+    validated, validate = [], Trainer.validate
+
+    def recording_validate(self, *positional, **keywords):
+        validated.append(validate(self, *positional, **keywords))
+        return validated[-1]
+
+    monkeypatch.setattr(Trainer, "validate", recording_validate)
     main(["validate", *args, "--data.layers=[1]"])
+    recorded = {row["probe"]: float(row["val_acc"]) for row in rows if row["layer"] == "1"}
+    assert [metrics["val/acc"] for (metrics,) in validated] == pytest.approx(
+        [recorded["concat"], recorded["query_aware"]], abs=5e-6
+    )
 
     capsys.readouterr()
-    main(["report", f"--results=[{results}]", f"--out_dir={tmp_path / 'report'}"])
+    main(["report", "--results", str(results), f"--out_dir={tmp_path / 'report'}", "--format=svg"])
     report = tmp_path / "report" / "report.md"
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(report)
-    assert "probe_toy_mean.png" in report.read_text() and (tmp_path / "report" / "probe_toy_mean.png").exists()
+    assert "(probe_toy_mean.svg)" in report.read_text() and (tmp_path / "report" / "probe_toy_mean.svg").exists()
 
 
 def test_test_without_a_fitted_probe_says_so(tiny_bert_dir, probe_files, tmp_path, monkeypatch):

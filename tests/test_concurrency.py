@@ -50,8 +50,17 @@ def _prepare(options: dict, queue) -> None:
 
 def test_two_processes_building_one_cache_build_it_once(tmp_path, probe_files, tiny_bert_dir):
     train, test = probe_files
-    options = dict(encoder="bert-mean", model=str(tiny_bert_dir), dataset="toy", source="local", train_file=train,
-                   test_file=test, cache_dir=str(tmp_path / "cache"), batch_size=16, val_fraction=0.25)
+    options = dict(
+        encoder="bert-mean",
+        model=str(tiny_bert_dir),
+        dataset="toy",
+        source="local",
+        train_file=train,
+        test_file=test,
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=16,
+        val_fraction=0.25,
+    )
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     workers = [context.Process(target=_prepare, args=(options, queue)) for _ in range(2)]

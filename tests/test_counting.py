@@ -34,9 +34,7 @@ def make_targets(num_layers: int = 3, widths: dict[str, int] | None = None) -> l
 def random_scores(targets: list[Target], num_texts: int, seed: int) -> dict[str, torch.Tensor]:
     """Heavy-tailed scores, like real ones: a few neurons dominate each text."""
     generator = torch.Generator().manual_seed(seed)
-    return {
-        target.name: torch.rand(num_texts, target.num_neurons, generator=generator) ** 6 for target in targets
-    }
+    return {target.name: torch.rand(num_texts, target.num_neurons, generator=generator) ** 6 for target in targets}
 
 
 def test_normalisation_and_thresholds_by_hand():
@@ -161,16 +159,32 @@ def test_counts_file_layout_through_the_owner(tmp_path):
     intermediate = torch.tensor([[3, 0, 1], [2, 2, 0]], dtype=torch.int64)
     gate = torch.tensor([[1, 4], [0, 5]], dtype=torch.int64)
     down = torch.tensor([[0, 1], [1, 1]], dtype=torch.int64)
-    write_summary(tmp_path, {
-        "model": "m", "pooling": "eos", "dataset": "d", "split": "test", "text_side": "query",
-        "thresholds": [0.1, 0.01, 2.5e-05],
-        "kinds": {"intermediate": {"side": "intermediate", "num_layers": 2, "num_neurons": 3},
-                  "gate_proj": {"side": "intermediate", "num_layers": 2, "num_neurons": 2}},
-    })
-    write_counts(tmp_path, {("intermediate", 0.1): intermediate, ("gate_proj", 0.01): gate,
-                            ("gate_proj", 2.5e-05): down}, num_texts=6)
-    expected = {"intermediate@0.1": intermediate, "gate_proj@0.01": gate, "gate_proj@2.5e-05": down,
-                "num_texts": torch.tensor(6, dtype=torch.int64)}
+    write_summary(
+        tmp_path,
+        {
+            "model": "m",
+            "pooling": "eos",
+            "dataset": "d",
+            "split": "test",
+            "text_side": "query",
+            "thresholds": [0.1, 0.01, 2.5e-05],
+            "kinds": {
+                "intermediate": {"side": "intermediate", "num_layers": 2, "num_neurons": 3},
+                "gate_proj": {"side": "intermediate", "num_layers": 2, "num_neurons": 2},
+            },
+        },
+    )
+    write_counts(
+        tmp_path,
+        {("intermediate", 0.1): intermediate, ("gate_proj", 0.01): gate, ("gate_proj", 2.5e-05): down},
+        num_texts=6,
+    )
+    expected = {
+        "intermediate@0.1": intermediate,
+        "gate_proj@0.01": gate,
+        "gate_proj@2.5e-05": down,
+        "num_texts": torch.tensor(6, dtype=torch.int64),
+    }
     stored = load_file(tmp_path / "counts.safetensors")
     assert stored.keys() == expected.keys()
     for key, value in expected.items():

@@ -2,17 +2,16 @@
 the Python version that built it, since pydoc topics and docstrings change between versions)."""
 
 import gzip
+import importlib.util
 import json
 import math
 import random
 import re
 import statistics
-
-import pytest
-
-import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
 
 from dkacq.data import demo
 from dkacq.data.examples import EXAMPLE_COLUMNS, load_probe_set
@@ -118,7 +117,9 @@ def test_shipped_files_equal_a_rebuild(shipped, tmp_path, monkeypatch):
     if build.python_version() != demo.BUILT_WITH_PYTHON:
         pytest.skip(f"the demo set was built with Python {demo.BUILT_WITH_PYTHON}, this is {build.python_version()}")
     monkeypatch.setattr(build, "DEMO_DIR", tmp_path)
-    monkeypatch.setattr(build, "SPLIT_FILES", {split: tmp_path / path.name for split, path in build.SPLIT_FILES.items()})
+    monkeypatch.setattr(
+        build, "SPLIT_FILES", {split: tmp_path / path.name for split, path in build.SPLIT_FILES.items()}
+    )
     build.main()
     for split, path in build.SPLIT_FILES.items():
         assert read_rows(path) == shipped[split]

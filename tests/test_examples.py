@@ -193,7 +193,7 @@ def test_dpr_record_without_positive_ctxs(dpr_files):
     test.write_text(json.dumps(records, indent=2))
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("dpr", str(train), str(test))
-    assert str(error.value) == "biencoder-nq-dev.json: record 2 has no field 'positive_ctxs'"
+    assert str(error.value) == f"{test}: record 2 has no field 'positive_ctxs'"
 
 
 def test_dpr_ctx_without_text(dpr_files):
@@ -226,9 +226,7 @@ def test_truncated_json_names_the_record_it_cuts(dpr_files, cut, record):
     train.write_text(text[: cut(text)])
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("dpr", str(train), str(test))
-    assert str(error.value) == (
-        f"biencoder-nq-adv-hn-train.json: not valid JSON at record {record} (parse error: premature EOF)"
-    )
+    assert str(error.value) == (f"{train}: not valid JSON at record {record} (parse error: premature EOF)")
 
 
 @pytest.mark.parametrize(
@@ -249,7 +247,7 @@ def test_json_syntax_error_names_the_record_it_is_in(dpr_files, edit, record, de
     train.write_bytes(edit(train.read_text()).encode("utf-8", "surrogateescape"))
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("dpr", str(train), str(test))
-    assert str(error.value) == f"biencoder-nq-adv-hn-train.json: not valid JSON at record {record} ({detail})"
+    assert str(error.value) == f"{train}: not valid JSON at record {record} ({detail})"
 
 
 def test_truncated_gzip_file(dpr_files, tmp_path):
@@ -267,19 +265,19 @@ def test_json_that_is_not_a_list(dpr_files, text):
     train.write_text(text)
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("dpr", str(train), str(test))
-    assert str(error.value) == (
-        f"biencoder-nq-adv-hn-train.json: not a JSON list of records (it starts with {text.strip()[0]!r})"
-    )
+    assert str(error.value) == (f"{train}: not a JSON list of records (it starts with {text.strip()[0]!r})")
 
 
 def test_local_file_missing_a_column(tmp_path):
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     good = example_rows("x", 3)
     train.write_text("".join(json.dumps(row) + "\n" for row in good))
-    test.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "negative_context_2"}) + "\n" for row in good))
+    test.write_text(
+        "".join(json.dumps({k: v for k, v in row.items() if k != "negative_context_2"}) + "\n" for row in good)
+    )
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("local", str(train), str(test))
-    assert str(error.value) == "test.jsonl: record 0 has no field 'negative_context_2'"
+    assert str(error.value) == f"{test}: record 0 has no field 'negative_context_2'"
 
 
 @pytest.mark.parametrize(
@@ -294,7 +292,7 @@ def test_local_file_bad_value(tmp_path, value, expected):
     test.write_text("".join(json.dumps(row) + "\n" for row in example_rows("y", 2)))
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("local", str(train), str(test))
-    assert str(error.value) == f"train.jsonl: {expected}"
+    assert str(error.value) == f"{train}: {expected}"
 
 
 def test_local_file_non_string_value(tmp_path):
@@ -324,7 +322,7 @@ def test_msmarco_row_without_selection_flags(tmp_path):
     test.write_text(json.dumps(row) + "\n" + json.dumps(broken) + "\n")
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("msmarco", str(train), str(test))
-    assert str(error.value) == "dev.jsonl: record 1 has no field 'passages.is_selected'"
+    assert str(error.value) == f"{test}: record 1 has no field 'passages.is_selected'"
 
 
 def test_unreachable_hub_says_what_to_do():
@@ -362,11 +360,11 @@ def test_dpr_dropped_records_are_counted_per_split_and_reason(dpr_files, caplog)
         "train": {"no_positive": 0, "no_negative": 1},
         "test": {"no_positive": 1, "no_negative": 0},
     }
-    assert read.sources == {"train": "biencoder-nq-adv-hn-train.json", "test": "biencoder-nq-dev.json"}
+    assert read.sources == {"train": str(train), "test": str(test)}
     assert read.overlapping_questions == 0
     assert warnings_of(caplog) == [
-        "biencoder-nq-adv-hn-train.json (train split): records dropped for having no positive: 0, no negative: 1",
-        "biencoder-nq-dev.json (test split): records dropped for having no positive: 1, no negative: 0",
+        f"{train} (train split): records dropped for having no positive: 0, no negative: 1",
+        f"{test} (test split): records dropped for having no positive: 1, no negative: 0",
     ]
 
 
@@ -394,7 +392,7 @@ def test_msmarco_dropped_rows_are_counted(tmp_path, caplog):
         "train": {"no_positive": 2, "no_negative": 1},
         "test": {"no_positive": 0, "no_negative": 0},
     }
-    assert warnings_of(caplog) == ["train.jsonl (train split): records dropped for having no positive: 2, no negative: 1"]
+    assert warnings_of(caplog) == [f"{train} (train split): records dropped for having no positive: 2, no negative: 1"]
 
 
 def test_questions_in_both_splits_are_counted_and_warned_about(tmp_path, caplog):
@@ -410,7 +408,7 @@ def test_questions_in_both_splits_are_counted_and_warned_about(tmp_path, caplog)
         read = read_probe_set("local", str(train), str(test))
     assert read.overlapping_questions == 2  # "what" and "when", each counted once
     assert read.dropped == {split: {"no_positive": 0, "no_negative": 0} for split in ("train", "test")}
-    assert warnings_of(caplog) == ["distinct questions in both train (train.jsonl) and test (test.jsonl): 2"]
+    assert warnings_of(caplog) == [f"distinct questions in both train ({train}) and test ({test}): 2"]
 
 
 def test_load_probe_set_still_returns_the_examples_alone(dpr_files):

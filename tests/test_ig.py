@@ -76,7 +76,9 @@ def pooled_norm(encoder: TextEncoder, batch: dict, parameters: dict[str, torch.T
     return encoder.pool(output.last_hidden_state, batch["attention_mask"]).norm(dim=-1)
 
 
-def naive_scores(encoder: TextEncoder, texts: list[str], targets: list, rule: str, steps: int) -> dict[str, torch.Tensor]:
+def naive_scores(
+    encoder: TextEncoder, texts: list[str], targets: list, rule: str, steps: int
+) -> dict[str, torch.Tensor]:
     """The published algorithm literally: per text (batch 1, tokenized alone), per target, per alpha: W' = alpha W,
     b' = alpha b, forward, gradient of F with respect to W', accumulate; A = W * sum; s_i = sum_j |A_ij|."""
     alphas, weights = alphas_and_weights(rule, steps)
@@ -170,10 +172,9 @@ def test_attributions_equal_captum_riemann_right(request, family):
     steps = 16
     attributions = dict(path_attributions(encoder, batch, targets, rule="riemann_right", steps=steps))
     for target in targets:
-
         names = [f"{target.name}.{key}" for key, _ in target.module.named_parameters()]
 
-        def f_of_parameters(*stacked: torch.Tensor) -> torch.Tensor:
+        def f_of_parameters(*stacked: torch.Tensor, names=names) -> torch.Tensor:
             """Captum's steps ``[k, ...]`` for each parameter -> F at each step ``[k]``."""
             return torch.cat([pooled_norm(encoder, batch, dict(zip(names, step))) for step in zip(*stacked)])
 
@@ -210,7 +211,9 @@ def test_weight_and_bias_attributions_are_complete(request, family):
 
 def test_alphas_and_weights():
     alphas, weights = alphas_and_weights("reference", 20)
-    assert alphas[0] == 1e-6 and alphas[-1] == 1 and torch.allclose(weights, torch.full((20,), 0.05, dtype=torch.float64))
+    assert (
+        alphas[0] == 1e-6 and alphas[-1] == 1 and torch.allclose(weights, torch.full((20,), 0.05, dtype=torch.float64))
+    )
     alphas, weights = alphas_and_weights("riemann_right", 4)
     assert alphas.tolist() == [0.25, 0.5, 0.75, 1.0] and weights.tolist() == [0.25] * 4
 

@@ -42,7 +42,11 @@ def imported_modules(source: str, module: str) -> set[str]:
             base = node.module or ""
             if node.level:
                 base = ".".join(module.split(".")[: -node.level] + ([base] if base else []))
-            found |= {base} | {f"{base}.{alias.name}" for alias in node.names if (PACKAGE.parent / f"{base}.{alias.name}".replace(".", "/")).exists()}
+            found |= {base} | {
+                f"{base}.{alias.name}"
+                for alias in node.names
+                if (PACKAGE.parent / f"{base}.{alias.name}".replace(".", "/")).exists()
+            }
     return {name for name in found if name == "dkacq" or name.startswith("dkacq.")}
 
 

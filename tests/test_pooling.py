@@ -74,7 +74,9 @@ def test_eos_appended_after_truncation(tiny_llama_preset):
 def test_reference_eos_reads_the_last_padded_position(tiny_llama_preset):
     from dataclasses import replace
 
-    encoder, _ = load_encoders(replace(tiny_llama_preset, pooling="eos_reference", normalize=False), dtype=torch.float64)
+    encoder, _ = load_encoders(
+        replace(tiny_llama_preset, pooling="eos_reference", normalize=False), dtype=torch.float64
+    )
     batch = encoder.tokenize(TEXTS)
     assert batch["input_ids"].shape[1] == encoder.max_length
     states = encoder.hidden_states(**batch)

@@ -11,17 +11,24 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dkacq.datamodules.probe import ProbeDataModule
 from dkacq.encoders.cache import CacheMismatchError
+from dkacq.formats.results import ProbeCell
 from dkacq.probe.heads import build_head
 from dkacq.probe.linear_probe import LinearProbe
-from dkacq.formats.results import ProbeCell
 from dkacq.probe.results import ProbeResults
 
 
 def _data(tmp_path, files, **kwargs) -> ProbeDataModule:
     train, test = files
     options = dict(
-        encoder="bert-mean", model=kwargs.pop("model"), dataset="toy", source="local", train_file=train,
-        test_file=test, cache_dir=str(tmp_path / "cache"), batch_size=16, val_fraction=0.25,
+        encoder="bert-mean",
+        model=kwargs.pop("model"),
+        dataset="toy",
+        source="local",
+        train_file=train,
+        test_file=test,
+        cache_dir=str(tmp_path / "cache"),
+        batch_size=16,
+        val_fraction=0.25,
     )
     return ProbeDataModule(**(options | kwargs))
 
@@ -79,8 +86,14 @@ def test_tested_checkpoint_is_the_best_validation_epoch(tmp_path, probe_files, t
     recorder, results = EpochRecorder(), ProbeResults(str(tmp_path / "run"))
     results.cell = ProbeCell("toy", "tiny", "mean", 3, 2, "concat", {"test": "best epoch"})
     trainer = Trainer(
-        max_epochs=12, logger=False, enable_progress_bar=False,
-        callbacks=[ModelCheckpoint(tmp_path / "ckpt", monitor="val/acc", mode="max", filename="best"), recorder, results],
+        max_epochs=12,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[
+            ModelCheckpoint(tmp_path / "ckpt", monitor="val/acc", mode="max", filename="best"),
+            recorder,
+            results,
+        ],
     )
     trainer.fit(probe, datamodule=data)
     trainer.test(probe, datamodule=data, ckpt_path="best")

@@ -81,17 +81,25 @@ def counted_builds(monkeypatch):
 
 def test_manifest_records_dropped_records_and_shared_questions(tmp_path, caplog):
     train, test = tmp_path / "nq-train.json", tmp_path / "nq-dev.json"
-    train.write_text(json.dumps([
-        dpr_record("who", ["P0"], ["N0"]),
-        dpr_record("what", [], ["N1"]),  # no positive
-        dpr_record("when", ["P1"], []),  # no negative
-        dpr_record("where", ["P2"], []),  # no negative
-    ]))
-    test.write_text(json.dumps([
-        dpr_record("who", ["P3"], ["N2"]),  # also a train example's question
-        dpr_record("when", [], []),  # neither: counted as no positive; dropped in both splits, so not shared
-        dpr_record("why", ["P4", "P5"], ["N3"]),
-    ]))
+    train.write_text(
+        json.dumps(
+            [
+                dpr_record("who", ["P0"], ["N0"]),
+                dpr_record("what", [], ["N1"]),  # no positive
+                dpr_record("when", ["P1"], []),  # no negative
+                dpr_record("where", ["P2"], []),  # no negative
+            ]
+        )
+    )
+    test.write_text(
+        json.dumps(
+            [
+                dpr_record("who", ["P3"], ["N2"]),  # also a train example's question
+                dpr_record("when", [], []),  # neither: counted as no positive; dropped in both splits, so not shared
+                dpr_record("why", ["P4", "P5"], ["N3"]),
+            ]
+        )
+    )
     folder = tmp_path / "cache" / "nq" / "probe_set"
     with caplog.at_level(logging.WARNING, logger="dkacq"):
         probe_set, _ = stored_probe_set(folder, "dpr", str(train), str(test))
@@ -104,9 +112,9 @@ def test_manifest_records_dropped_records_and_shared_questions(tmp_path, caplog)
     assert manifest["num_examples"] == {"train": 1, "test": 3}
     assert probe_set["test"]["question"] == ["who", "why", "why"]
     assert warnings_of(caplog) == [
-        "nq-train.json (train split): records dropped for having no positive: 1, no negative: 2",
-        "nq-dev.json (test split): records dropped for having no positive: 1, no negative: 0",
-        "distinct questions in both train (nq-train.json) and test (nq-dev.json): 1",
+        f"{train} (train split): records dropped for having no positive: 1, no negative: 2",
+        f"{test} (test split): records dropped for having no positive: 1, no negative: 0",
+        f"distinct questions in both train ({train}) and test ({test}): 1",
     ]
 
 
@@ -131,7 +139,7 @@ def test_stored_set_is_reused_until_a_source_file_changes(tmp_path, local_files,
     assert warnings_of(caplog) == []
 
 
-@pytest.mark.parametrize("content", ["{\"fingerprint\": ", "[1, 2]", "\udcff"])
+@pytest.mark.parametrize("content", ['{"fingerprint": ', "[1, 2]", "\udcff"])
 def test_manifest_that_is_not_json_is_rebuilt_with_one_warning(tmp_path, local_files, counted_builds, caplog, content):
     rows, paths = local_files
     folder = tmp_path / "probe_set"

@@ -57,11 +57,7 @@ def test_positive_position_and_negative_choice_are_uniform():
 
 def test_every_arrangement_is_equally_likely():
     columns, _ = draw_passage_orders(72_000, 3, torch.Generator().manual_seed(3))
-    arrangements = {
-        row: i for i, row in enumerate(
-            p for p in itertools.permutations(range(5), 3) if 0 in p
-        )
-    }
+    arrangements = {row: i for i, row in enumerate(p for p in itertools.permutations(range(5), 3) if 0 in p)}
     assert len(arrangements) == 36
     codes = torch.tensor([arrangements[tuple(row)] for row in columns.tolist()])
     counts = torch.bincount(codes, minlength=36).double()

@@ -8,7 +8,15 @@ import torch
 from safetensors.torch import save_file
 from scipy.stats import binomtest
 
-from dkacq.report.stats import ProbeResult, bonferroni, mcnemar_exact, read_results, significance_vs_base
+from dkacq.formats.results import read_correct, read_identity, write_predictions
+from dkacq.report.stats import (
+    ProbeResult,
+    bonferroni,
+    mcnemar_exact,
+    missing_comparison,
+    read_results,
+    significance_vs_base,
+)
 
 # (correct_a, correct_b, only_a, only_b)
 PAIRED_OUTCOMES = [
@@ -59,8 +67,10 @@ def test_bonferroni_flags():
 def _row(tmp_path, model, layer, probe, correct):
     path = tmp_path / f"{model}-{probe}-{layer}.safetensors"
     labels = torch.zeros(len(correct), dtype=torch.int64)
-    save_file({"correct": torch.tensor(correct, dtype=torch.uint8), "prediction": 1 - torch.tensor(correct),
-               "label": labels}, str(path))
+    save_file(
+        {"correct": torch.tensor(correct, dtype=torch.uint8), "prediction": 1 - torch.tensor(correct), "label": labels},
+        str(path),
+    )
     return ProbeResult("nq", model, "cls", 2, layer, probe, 1, 0.5, float(np.mean(correct)), path)
 
 
@@ -82,14 +92,25 @@ def test_significance_vs_base(tmp_path):
 def test_read_results(tmp_path):
     folder = tmp_path / "run"
     folder.mkdir()
-    header = ["dataset", "model", "pooling", "num_passages", "layer", "probe", "best_epoch", "val_acc", "test_acc",
-              "predictions"]
+    header = [
+        "dataset",
+        "model",
+        "pooling",
+        "num_passages",
+        "layer",
+        "probe",
+        "best_epoch",
+        "val_acc",
+        "test_acc",
+        "predictions",
+    ]
     record = ["nq", "contriever", "mean", "3", "4", "concat", "7", "0.41", "0.39", "preds/x.safetensors"]
     with (folder / "results.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([header, record])
     (row,) = read_results([folder / "results.csv"])
-    assert row == ProbeResult("nq", "contriever", "mean", 3, 4, "concat", 7, 0.41, 0.39,
-                              (folder / "preds/x.safetensors").resolve())
+    assert row == ProbeResult(
+        "nq", "contriever", "mean", 3, 4, "concat", 7, 0.41, 0.39, (folder / "preds/x.safetensors").resolve()
+    )
     with (folder / "results.csv").open("a", newline="") as handle:
         csv.writer(handle).writerow(record)
     with pytest.raises(ValueError, match="more than one"):
@@ -98,3 +119,47 @@ def test_read_results(tmp_path):
         csv.writer(handle).writerows([header, record[:5] + ["mystery"] + record[6:]])
     with pytest.raises(ValueError, match="unknown probe"):
         read_results([folder / "other.csv"])
+
+
+def test_rows_without_outcome_files_are_not_compared(tmp_path):
+    base = [_row(tmp_path, "bert-base-uncased", layer, "concat", [1, 0] * 4) for layer in range(2)]
+    tuned = [_row(tmp_path, "dpr-question", layer, "concat", [1] * 8) for layer in range(2)]
+    tuned[1].predictions.unlink()
+    (result,) = significance_vs_base(base + tuned, "bert-base-uncased")
+    assert (result.layer, result.p_value) == (0, pytest.approx(binomtest(0, 4, 0.5).pvalue))
+    assert missing_comparison(base + tuned, "bert-base-uncased") is None
+    tuned[0].predictions.unlink()
+    assert significance_vs_base(base + tuned, "bert-base-uncased") == []
+    assert missing_comparison(base + tuned, "bert-base-uncased") == (
+        "no outcome files for the models besides base model bert-base-uncased at the layers they share"
+    )
+    assert missing_comparison(tuned, "bert-base-uncased") == "no base model bert-base-uncased in the inputs"
+    assert missing_comparison(base + tuned, None) == "no base model to compare with"
+
+
+def test_outcomes_are_written_as_csv_beside_the_safetensors_file(tmp_path):
+    index, label, prediction = [3, 0, 2, 1, 4], [1, 0, 2, 2, 0], [1, 1, 2, 0, 0]
+    correct = [1, 0, 1, 0, 1]
+    path = tmp_path / "predictions" / "cell.safetensors"
+    write_predictions(
+        path,
+        {
+            "correct": torch.tensor(correct, dtype=torch.uint8),
+            "index": torch.tensor(index),
+            "prediction": torch.tensor(prediction),
+            "label": torch.tensor(label),
+        },
+        {"layer": 4},
+    )
+    with (tmp_path / "predictions" / "cell.csv").open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows[0] == ["index", "label", "prediction", "correct"]
+    assert rows[1:] == [[str(v) for v in row] for row in zip(index, label, prediction, correct)]
+    assert read_correct(path).tolist() == [bool(c) for c in correct]
+    assert read_identity(path) == {"layer": 4}
+    assert sorted(p.name for p in (tmp_path / "predictions").iterdir()) == ["cell.csv", "cell.safetensors"]
+    with pytest.raises(ValueError, match="outcomes lack correct"):
+        write_predictions(
+            tmp_path / "bad.safetensors", {"prediction": torch.tensor([1]), "label": torch.tensor([1])}, {}
+        )
+    assert not (tmp_path / "bad.csv").exists() and not (tmp_path / "bad.safetensors").exists()

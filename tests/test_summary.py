@@ -6,8 +6,22 @@ import re
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from scipy.stats import binomtest
+from test_figures import (
+    FORMATS,
+    LAYERS,
+    MODELS,
+    NUM_PASSAGES,
+    NUM_TEST,
+    NUM_TRAIN,
+    PROBES,
+    assert_figure_file,
+    flagged_layers,
+    shipped_curve,
+    write_attribution_run,
+    write_results,
+)
 
+from dkacq.cli import main
 from dkacq.encoders.presets import (
     BACKBONES,
     POOLING_BASES,
@@ -19,16 +33,6 @@ from dkacq.encoders.presets import (
     split_control_label,
 )
 from dkacq.report.summary import write_report
-from test_figures import (
-    LAYERS,
-    MODELS,
-    NUM_PASSAGES,
-    PROBES,
-    assert_png,
-    shipped_curve,
-    write_attribution_run,
-    write_results,
-)
 
 BASE, TUNED = MODELS
 
@@ -61,21 +65,47 @@ def built(tmp_path_factory):
     return report, report.read_text(), parse_tables(report.read_text()), outcomes, runs
 
 
+def expected_figures(figure_format: str) -> set[str]:
+    run_slugs = [f"{model}-cls-nq-test-query" for model in (TUNED, BASE)]
+    return {
+        f"probe_nq_cls.{figure_format}",
+        f"active_fraction_vs_threshold.{figure_format}",
+        *(f"attribution_{slug}_t{t}.{figure_format}" for slug in run_slugs for t in ("0.1", "0.2")),
+        *(f"compare_{run_slugs[0]}_vs_{run_slugs[1]}_t{t}.{figure_format}" for t in ("0.1", "0.2")),
+    }
+
+
 def test_every_figure_exists_and_is_linked(built):
     report, markdown, *_ = built
     out = report.parent
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
-    run_slugs = [f"{model}-cls-nq-test-query" for model in (TUNED, BASE)]
-    expected = {
-        "probe_nq_cls.png", "active_fraction_vs_threshold.png",
-        *(f"attribution_{slug}_t{t}.png" for slug in run_slugs for t in ("0.1", "0.2")),
-        *(f"compare_{run_slugs[0]}_vs_{run_slugs[1]}_t{t}.png" for t in ("0.1", "0.2")),
-    }
+    expected = expected_figures("png")
     assert set(links) == expected == {p.name for p in out.glob("*.png")}
     for name in expected:
-        assert_png(out / name)
+        assert_figure_file(out / name, "png")
     assert "[published_differences.csv](published_differences.csv)" in markdown
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.suffix == ".tmp") == []
+
+
+@pytest.mark.parametrize("figure_format", [f for f in FORMATS if f != "png"])
+def test_report_in_vector_formats(tmp_path, figure_format):
+    results_csv, _ = write_results(tmp_path / "probe")
+    runs = [
+        write_attribution_run(tmp_path / "tuned", TUNED, seed=1),
+        write_attribution_run(tmp_path / "base", BASE, seed=2),
+    ]
+    report = write_report([results_csv], runs, tmp_path / "out", figure_format=figure_format)
+    markdown = report.read_text()
+    links = re.findall(r"\]\(([^)]+\.(?:png|pdf|svg))\)", markdown)
+    expected = expected_figures(figure_format)
+    assert sorted(links) == sorted(expected)
+    assert {p.name for p in report.parent.iterdir() if p.suffix in (".png", ".pdf", ".svg")} == expected
+    for name in expected:
+        assert_figure_file(report.parent / name, figure_format)
+    embedded = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert set(embedded) == (set() if figure_format == "pdf" else expected)
+    with pytest.raises(ValueError, match="unknown figure format 'jpg'"):
+        write_report([results_csv], [], tmp_path / "jpg", figure_format="jpg")
 
 
 def _acc(outcomes, model, n, probe, layer) -> float:
@@ -90,16 +120,12 @@ def test_accuracy_table(built):
         accs = [_acc(outcomes, model, n, probe, layer) for layer in LAYERS]
         best = int(np.argmax(accs))
         assert (row["layers"], row["last layer"], row["last-layer acc"]) == ("3", "2", f"{accs[-1]:.4f}")
+        assert row["train / test"] == f"{NUM_TRAIN[n]:,} / {NUM_TEST:,}"
         assert (row["best layer"], row["best acc"]) == (str(best), f"{accs[best]:.4f}")
         if model == BASE:
             assert row["layers ≠ base"] == "base"
             continue
-        p_values = []
-        for layer in LAYERS:
-            a, b = outcomes[(model, n, probe, layer)], outcomes[(BASE, n, probe, layer)]
-            only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
-            p_values.append(binomtest(min(only_a, only_b), only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0)
-        assert row["layers ≠ base"] == f"{sum(p * 3 < 0.05 for p in p_values)}/3"
+        assert row["layers ≠ base"] == f"{len(flagged_layers(outcomes, model, BASE, n, probe))}/3"
     assert any(r["layers ≠ base"] not in ("base", "0/3") for r in rows.values())
 
 
@@ -118,8 +144,9 @@ def test_head_table(built):
 
 def test_published_differences(built):
     report, _, tables, outcomes, _ = built
-    published = {(m, n, layer): acc for m in MODELS for n in NUM_PASSAGES
-                 for layer, acc, _ in shipped_curve("nq", "cls", m, n)}
+    published = {
+        (m, n, layer): acc for m in MODELS for n in NUM_PASSAGES for layer, acc, _ in shipped_curve("nq", "cls", m, n)
+    }
     rows = tables["Differences from the published accuracies"]
     assert len(rows) == len(MODELS) * len(NUM_PASSAGES)
     for row in rows:
@@ -160,21 +187,94 @@ def test_base_model_override_and_no_overlay(tmp_path):
     marks = {r["model"]: r["layers ≠ base"] for r in tables["Accuracy per probe"]}
     assert marks[TUNED] == "base" and re.fullmatch(r"\d/3", marks[BASE])
     assert "Neuron attribution" not in tables
-    assert_png(tmp_path / "out" / "probe_nq_cls.png")
+    assert_figure_file(tmp_path / "out" / "probe_nq_cls.png", "png")
 
 
-def test_report_without_inputs(tmp_path):
-    report = write_report([], [], tmp_path / "empty")
-    assert report.read_text() == "# dkacq report\n\nNo inputs.\n"
+def test_report_without_inputs_is_refused(tmp_path, capsys):
+    with pytest.raises(
+        ValueError,
+        match=r"^nothing to report: give results tables \(--results\) or attribution run "
+        r"folders \(--attributions\)$",
+    ):
+        write_report([], [], tmp_path / "empty")
+    with pytest.raises(ValueError, match="^nothing to report") as error:
+        main(["report", f"--out_dir={tmp_path / 'empty'}"])
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_report_usage_names_the_command(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["report", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: dkacq report ") and "--format {png,pdf,svg}" in out
+
+
+def _inputs_line(report) -> str:
+    return next(line for line in report.read_text().splitlines() if line.startswith("Inputs: "))
+
+
+def test_report_takes_a_bare_path_or_a_list(tmp_path, capsys):
+    results_csv, _ = write_results(tmp_path / "probe")
+    runs = [
+        write_attribution_run(tmp_path / "tuned", TUNED, seed=1),
+        write_attribution_run(tmp_path / "base", BASE, seed=2),
+    ]
+    main(
+        [
+            "report",
+            "--results",
+            str(results_csv),
+            "--attributions",
+            str(runs[0]),
+            f"--out_dir={tmp_path / 'bare'}",
+            "--format",
+            "svg",
+        ]
+    )
+    report = tmp_path / "bare" / "report.md"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(report)
+    assert _inputs_line(report) == f"Inputs: `{results_csv}`, `{runs[0]}`"
+    assert "![probe accuracy, nq, cls](probe_nq_cls.svg)" in report.read_text()
+    assert_figure_file(tmp_path / "bare" / "probe_nq_cls.svg", "svg")
+
+    main(
+        [
+            "report",
+            f"--results=[{results_csv}]",
+            f"--attributions=[{runs[0]}, {runs[1]}]",
+            f"--out_dir={tmp_path / 'list'}",
+        ]
+    )
+    report = tmp_path / "list" / "report.md"
+    assert _inputs_line(report) == f"Inputs: `{results_csv}`, `{runs[0]}`, `{runs[1]}`"
+    assert f"### {TUNED} against {BASE}" in report.read_text()
+    assert (tmp_path / "list" / "probe_nq_cls.png").is_file()
 
 
 def test_model_facts_beside_the_presets():
     labels = {preset.label for preset in PRESETS.values()}
-    assert STUDY_ORDER == ("bert-base-uncased", "dpr-question", "dpr-context", "dpr-paired", "contriever", "llama",
-                           "repllama", "minilm", "smollm")
+    assert STUDY_ORDER == (
+        "bert-base-uncased",
+        "dpr-question",
+        "dpr-context",
+        "dpr-paired",
+        "contriever",
+        "llama",
+        "repllama",
+        "minilm",
+        "smollm",
+        "smollm-instruct-q4_1",
+    )
     assert set(BACKBONES) | set(BACKBONES.values()) | set(POOLING_BASES.values()) <= labels
     assert [base_model_for(p) for p in ("cls", "mean", "eos", "eos_reference", "other")] == [
-        "bert-base-uncased", "bert-base-uncased", "llama", "llama", None]
+        "bert-base-uncased",
+        "bert-base-uncased",
+        "llama",
+        "llama",
+        None,
+    ]
     assert base_model_for("mean", {"mean": "minilm-random"}) == "minilm-random"
     for seed, label in [(0, "minilm-random"), (3, "minilm-random-seed3")]:
         assert control_label("minilm", seed) == label == PRESETS["minilm"].randomized(seed).label
@@ -182,13 +282,22 @@ def test_model_facts_beside_the_presets():
     assert split_control_label("minilm") is None and split_control_label("randomized") is None
     shuffled = ["zeta", "minilm-random-seed2", "dpr-question", "minilm", "alpha", "minilm-random", "bert-base-uncased"]
     assert sorted(shuffled, key=model_sort_key) == [
-        "bert-base-uncased", "dpr-question", "minilm", "minilm-random", "minilm-random-seed2", "alpha", "zeta"]
+        "bert-base-uncased",
+        "dpr-question",
+        "minilm",
+        "minilm-random",
+        "minilm-random-seed2",
+        "alpha",
+        "zeta",
+    ]
 
 
 def test_runs_compared_with_backbone_and_control(tmp_path):
-    runs = [write_attribution_run(tmp_path / "tuned", TUNED, seed=1),
-            write_attribution_run(tmp_path / "control", control_label(TUNED), seed=2),
-            write_attribution_run(tmp_path / "base", BASE, seed=3)]
+    runs = [
+        write_attribution_run(tmp_path / "tuned", TUNED, seed=1),
+        write_attribution_run(tmp_path / "control", control_label(TUNED), seed=2),
+        write_attribution_run(tmp_path / "base", BASE, seed=3),
+    ]
     markdown = write_report([], runs, tmp_path / "out").read_text()
     compared = re.findall(r"^### (\S+) against (\S+)$", markdown, flags=re.MULTILINE)
     assert compared == [(TUNED, control_label(TUNED)), (TUNED, BASE)]

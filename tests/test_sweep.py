@@ -14,25 +14,45 @@ from dkacq.encoders import extraction
 def _study(tmp_path, tiny_bert_dir, probe_files) -> str:
     train, test = probe_files
     base = tmp_path / "probe-base.yaml"
-    base.write_text(yaml.safe_dump({
-        "trainer": {"max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False, "logger": False},
-        "model": {"learning_rate": 0.01},
-        "data": {"batch_size": 32, "val_fraction": 0.2},
-    }))
+    base.write_text(
+        yaml.safe_dump(
+            {
+                "trainer": {
+                    "max_epochs": 2,
+                    "enable_progress_bar": False,
+                    "enable_model_summary": False,
+                    "logger": False,
+                },
+                "model": {"learning_rate": 0.01},
+                "data": {"batch_size": 32, "val_fraction": 0.2},
+            }
+        )
+    )
     study = tmp_path / "study.yaml"
-    study.write_text(yaml.safe_dump({
-        "run_dir": str(tmp_path / "study"),
-        "data": {"dataset": "toy", "source": "local", "train_file": train, "test_file": test,
-                 "cache_dir": str(tmp_path / "cache")},
-        "probes": {
-            "config": str(base),
-            "settings": [{"encoder": "bert-mean", "model": str(tiny_bert_dir)},
-                         {"encoder": "bert-mean", "model": str(tiny_bert_dir), "random_init": True}],
-            "num_passages": [2, 3],
-            "heads": ["concat"],
-        },
-        "base_models": {"mean": "tiny-bert0-random"},
-    }))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "run_dir": str(tmp_path / "study"),
+                "data": {
+                    "dataset": "toy",
+                    "source": "local",
+                    "train_file": train,
+                    "test_file": test,
+                    "cache_dir": str(tmp_path / "cache"),
+                },
+                "probes": {
+                    "config": str(base),
+                    "settings": [
+                        {"encoder": "bert-mean", "model": str(tiny_bert_dir)},
+                        {"encoder": "bert-mean", "model": str(tiny_bert_dir), "random_init": True},
+                    ],
+                    "num_passages": [2, 3],
+                    "heads": ["concat"],
+                },
+                "base_models": {"mean": "tiny-bert0-random"},
+            }
+        )
+    )
     return str(study)
 
 
@@ -61,7 +81,9 @@ def test_stopped_sweep_resumes_each_cell_once(tmp_path, tiny_bert_dir, probe_fil
     assert sum(fits.values()) == 5
     main(["sweep", "--config", study])
 
-    expected = {(label, n, layer) for label in ("tiny-bert0", "tiny-bert0-random") for n in (2, 3) for layer in range(3)}
+    expected = {
+        (label, n, layer) for label in ("tiny-bert0", "tiny-bert0-random") for n in (2, 3) for layer in range(3)
+    }
     assert set(fits) == expected
     assert all(count == 1 for cell, count in fits.items() if cell != counting_fit.stopped)
     assert fits[counting_fit.stopped] == 2, "the interrupted cell starts again"
@@ -72,7 +94,9 @@ def test_stopped_sweep_resumes_each_cell_once(tmp_path, tiny_bert_dir, probe_fil
     assert (tmp_path / "study" / "report" / "report.md").exists()
 
 
-def test_a_sweep_rerun_with_other_settings_is_refused_before_any_work(tmp_path, tiny_bert_dir, probe_files, monkeypatch):
+def test_a_sweep_rerun_with_other_settings_is_refused_before_any_work(
+    tmp_path, tiny_bert_dir, probe_files, monkeypatch
+):
     """Raising max_examples and epochs used to skip every cell and report the old numbers."""
     from dkacq.attribution.module import AttributionConflictError
     from dkacq.formats.results import ResultConflictError
@@ -80,14 +104,23 @@ def test_a_sweep_rerun_with_other_settings_is_refused_before_any_work(tmp_path, 
     monkeypatch.chdir(tmp_path)
     study_path = tmp_path / "study.yaml"
     study = yaml.safe_load(open(_study(tmp_path, tiny_bert_dir, probe_files)))
-    study["probes"]["settings"] = [{"encoder": "bert-mean", "model": str(tiny_bert_dir), "max_examples": 60,
-                                    "layers": [2]}]
+    study["probes"]["settings"] = [
+        {"encoder": "bert-mean", "model": str(tiny_bert_dir), "max_examples": 60, "layers": [2]}
+    ]
     study["probes"]["num_passages"] = [2]
-    study["attributions"] = [{"model": "bert-mean", "name": "tiny", "options": {
-        "model": {"encoder": {"query": {"model": str(tiny_bert_dir)}, "passage": {"model": str(tiny_bert_dir)}},
-                  "steps": 2},
-        "data": {"max_examples": 2},
-    }}]
+    study["attributions"] = [
+        {
+            "model": "bert-mean",
+            "name": "tiny",
+            "options": {
+                "model": {
+                    "encoder": {"query": {"model": str(tiny_bert_dir)}, "passage": {"model": str(tiny_bert_dir)}},
+                    "steps": 2,
+                },
+                "data": {"max_examples": 2},
+            },
+        }
+    ]
     study_path.write_text(yaml.safe_dump(study))
     main(["sweep", "--config", str(study_path)])
     results = tmp_path / "study" / "probe" / "results.csv"

@@ -100,7 +100,9 @@ class ActiveNeuronCounts(Metric):
                 raise ValueError(f"targets of kind '{kind}' differ in width: {sorted(widths)}")
             shape = (1 + max(target.layer for target in of_kind), widths.pop())
             for index in range(len(self.thresholds)):
-                self.add_state(self._state_name(kind, index), torch.zeros(shape, dtype=torch.int64), dist_reduce_fx="sum")
+                self.add_state(
+                    self._state_name(kind, index), torch.zeros(shape, dtype=torch.int64), dist_reduce_fx="sum"
+                )
         self.add_state("num_texts", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
 
     @staticmethod
@@ -120,7 +122,14 @@ class ActiveNeuronCounts(Metric):
                 getattr(self, self._state_name(kind, index))[layer] += active.sum(dim=0)
         self.num_texts += next(iter(scores.values())).shape[0]
 
+    def local(self) -> ActiveCounts:
+        """This process's counts so far, not summed across processes (what a progress segment saves)."""
+        return self._counts()
+
     def compute(self) -> ActiveCounts:
+        return self._counts()
+
+    def _counts(self) -> ActiveCounts:
         counts = {
             (kind, threshold): getattr(self, self._state_name(kind, index)).clone()
             for kind in self.kinds

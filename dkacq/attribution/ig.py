@@ -158,7 +158,9 @@ def path_attributions(
 
     for target in targets:
         module = target.module
-        weight_gradient = torch.zeros(num_texts, module.out_features, module.in_features, dtype=accumulate, device=device)
+        weight_gradient = torch.zeros(
+            num_texts, module.out_features, module.in_features, dtype=accumulate, device=device
+        )
         bias_gradient = torch.zeros(num_texts, module.out_features, dtype=accumulate, device=device)
         for group in groups:
             gradient_sum = 0
@@ -167,9 +169,12 @@ def path_attributions(
                 gradient_sum = gradient_sum + torch.tensordot(weights[step_indices], gradients.to(accumulate), dims=1)
             weight_gradient[group.texts] = gradient_sum.transpose(1, 2) @ module_input.to(accumulate)
             bias_gradient[group.texts] = gradient_sum.sum(dim=1)
-        yield target, PathAttribution(
-            weight=module.weight.to(accumulate) * weight_gradient,
-            bias=None if module.bias is None else module.bias.to(accumulate) * bias_gradient,
+        yield (
+            target,
+            PathAttribution(
+                weight=module.weight.to(accumulate) * weight_gradient,
+                bias=None if module.bias is None else module.bias.to(accumulate) * bias_gradient,
+            ),
         )
 
 
@@ -177,7 +182,9 @@ def _check_ready(transformer: nn.Module, targets: list[Target]) -> None:
     if transformer.training:
         raise ValueError("attribution needs the transformer in eval mode (dropout would make every replica differ)")
     if torch.is_inference_mode_enabled():
-        raise RuntimeError("attribution needs gradients: call it outside torch.inference_mode (Trainer(inference_mode=False))")
+        raise RuntimeError(
+            "attribution needs gradients: call it outside torch.inference_mode (Trainer(inference_mode=False))"
+        )
     for target in targets:
         if transformer.get_submodule(target.name) is not target.module:
             raise ValueError(f"target '{target.name}' is not a module of this transformer")
@@ -239,7 +246,9 @@ class _TextGroup:
     block_calls: list[_BlockCall]
 
 
-def _text_groups(encoder: TextEncoder, blocks: nn.ModuleList, batch: dict[str, Tensor], texts_per_pass: int) -> list[_TextGroup]:
+def _text_groups(
+    encoder: TextEncoder, blocks: nn.ModuleList, batch: dict[str, Tensor], texts_per_pass: int
+) -> list[_TextGroup]:
     """The batch's texts, shortest first, in groups of ``texts_per_pass``, each re-collated by the encoder.
 
     A group holds only its own texts' tokens (plus the padding the encoder itself adds, which for

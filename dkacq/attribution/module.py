@@ -1,5 +1,7 @@
 """AttributionModule: integrated-gradients neuron scores of a text set, counted per threshold."""
 
+import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -13,9 +15,22 @@ from dkacq.data.examples import TextSide
 from dkacq.encoders.loading import load_encoders, weights_identity
 from dkacq.encoders.presets import PRESETS, EncoderPreset
 from dkacq.encoders.text_encoder import TextEncoder
-from dkacq.formats.counts import COUNTS_FILE, SUMMARY_FILE, read_summary, write_counts, write_summary
+from dkacq.formats.counts import (
+    COUNTS_FILE,
+    PROGRESS_DIR,
+    SUMMARY_FILE,
+    Segment,
+    clear_segments,
+    read_segments,
+    read_summary,
+    sum_segments,
+    text_key,
+    write_counts,
+    write_segment,
+    write_summary,
+)
 from dkacq.formats.identity import differences, plain
-from dkacq.formats.provenance import package_versions
+from dkacq.formats.provenance import hardware, package_versions
 
 
 class AttributionConflictError(ValueError):
@@ -44,6 +59,7 @@ class AttributionModule(LightningModule):
         max_length: int = 256,
         replicas_per_pass: int | None = None,
         output_dir: str | None = None,
+        save_every_n_batches: int = 1,
     ):
         """
         Args:
@@ -62,6 +78,9 @@ class AttributionModule(LightningModule):
                 GPUs), fewer splits a text's alphas over passes (less memory; the same numbers).
             output_dir: where counts, summary and figures go; default
                 ``runs/attribution/<dataset>-<preset>-<text side>``.
+            save_every_n_batches: each process saves what it has counted (and which texts) after this
+                many batches, so that a run stopped at any moment resumes from there with the same
+                config; 0 saves only at the end. A save costs one write of the counts (a few MB for 7B).
         """
         super().__init__()
         if steps < 1:
@@ -74,6 +93,11 @@ class AttributionModule(LightningModule):
         self.targets: list[Target] = []
         self.counts: ActiveNeuronCounts | None = None
         self.run_identity: dict | None = None
+        self.segment_name = f"{uuid.uuid4().hex[:12]}"
+        self.counted_texts: list[str] = []
+        self.earlier: tuple[dict, int] = ({}, 0)
+        self.written = False
+        self.started: float | None = None
 
     @property
     def source(self):
@@ -83,20 +107,26 @@ class AttributionModule(LightningModule):
     def identity(self, data: LightningDataModule | None, precision: str) -> dict:
         """Everything the counts depend on; ``data``, a set-up text data module
         (:class:`dkacq.datamodules.texts.TextDataModule`), gives the hash of its texts."""
-        side_length = self.preset.query_max_length if self.hparams.text_side == "query" else self.preset.passage_max_length
-        return plain({
-            "encoder": asdict(self.preset),
-            "weights": weights_identity(self.source),
-            "texts": data.fingerprint() if data is not None else None,
-            "data": {key: data.hparams[key] for key in ("dataset", "split", "max_examples")} if data is not None else None,
-            "text_side": self.hparams.text_side,
-            "kinds": self.kinds,
-            "thresholds": self.thresholds,
-            "alpha_rule": self.hparams.alpha_rule,
-            "steps": self.hparams.steps,
-            "max_length": min(side_length, self.hparams.max_length),
-            "precision": precision,
-        })
+        side_length = (
+            self.preset.query_max_length if self.hparams.text_side == "query" else self.preset.passage_max_length
+        )
+        return plain(
+            {
+                "encoder": asdict(self.preset),
+                "weights": weights_identity(self.source),
+                "texts": data.fingerprint() if data is not None else None,
+                "data": {key: data.hparams[key] for key in ("dataset", "split", "max_examples")}
+                if data is not None
+                else None,
+                "text_side": self.hparams.text_side,
+                "kinds": self.kinds,
+                "thresholds": self.thresholds,
+                "alpha_rule": self.hparams.alpha_rule,
+                "steps": self.hparams.steps,
+                "max_length": min(side_length, self.hparams.max_length),
+                "precision": precision,
+            }
+        )
 
     @staticmethod
     def finished(folder: Path, identity: dict) -> bool:
@@ -115,11 +145,26 @@ class AttributionModule(LightningModule):
             )
         return (folder / COUNTS_FILE).exists()
 
+    def on_predict_start(self) -> None:
+        self.started = time.perf_counter()
+
     def setup(self, stage: str) -> None:
-        """Check the output folder before the model is loaded."""
-        self.run_identity = self.identity(self.trainer.datamodule, str(self.trainer.precision))
-        if self.trainer.is_global_zero:
-            self.finished(self.output_path, self.run_identity)
+        """Check the output folder before the model is loaded, and resume from the texts an interrupted
+        run of the same identity counted there (they are left out of the data)."""
+        data = self.trainer.datamodule
+        self.run_identity = self.identity(data, str(self.trainer.precision))
+        self.finished(self.output_path, self.run_identity)
+        segments = read_segments(self.output_path)
+        for segment in segments:
+            if segment.identity != self.run_identity:
+                changed = differences(segment.identity or {}, self.run_identity)
+                raise AttributionConflictError(
+                    f"{self.output_path} holds an unfinished attribution run of other settings ({changed}); "
+                    f"give model.output_dir another folder, or remove its {PROGRESS_DIR}/ folder"
+                )
+        self.earlier = sum_segments(segments)
+        if data is not None and segments:
+            data.exclude({key for segment in segments for key in segment.texts})
 
     def configure_model(self) -> None:
         if self.text_encoder is not None:
@@ -137,11 +182,25 @@ class AttributionModule(LightningModule):
         batch = {key: value.to(self.device) for key, value in self.text_encoder.tokenize(texts).items()}
         with torch.enable_grad():
             scores = neuron_scores(
-                self.text_encoder, batch, self.targets, self.hparams.alpha_rule, self.hparams.steps,
+                self.text_encoder,
+                batch,
+                self.targets,
+                self.hparams.alpha_rule,
+                self.hparams.steps,
                 self.hparams.replicas_per_pass,
             )
         self.counts.update(scores)
+        self.counted_texts += [text_key(text) for text in texts]
+        every = self.hparams.save_every_n_batches
+        if every and (batch_idx + 1) % every == 0:
+            self.save_progress()
         return len(texts)
+
+    def save_progress(self) -> None:
+        """This process's counts and texts so far, as its progress segment in the output folder."""
+        local = self.counts.local()
+        segment = Segment(local.counts, local.num_texts, self.counted_texts, self.run_identity)
+        write_segment(self.output_path, f"{self.segment_name}-rank{self.global_rank}", segment)
 
     def output_path_for(self, data: LightningDataModule | None) -> Path:
         if self.hparams.output_dir:
@@ -154,12 +213,39 @@ class AttributionModule(LightningModule):
         return self.output_path_for(self.trainer.datamodule)
 
     def on_predict_epoch_end(self) -> None:
+        self.write_results()
+
+    def write_results(self) -> None:
+        """Sum the counts over processes and earlier segments, write summary and counts, drop the segments.
+
+        Lightning runs no epoch hooks over an empty text set, which is what a run resumed after its last
+        text was counted sees: ``dkacq attribute`` then calls this itself (:attr:`written` tells).
+        """
+        if self.hparams.save_every_n_batches:
+            self.save_progress()
         counts = self.counts.compute()
+        self.written = True
         if not self.trainer.is_global_zero:
             return
+        earlier, earlier_texts = self.earlier
+        for key, count in earlier.items():
+            counts.counts[key] = counts.counts[key] + count.to(counts.counts[key].device)
+        counts.num_texts += earlier_texts
         folder = self.output_path
         write_summary(folder, self.summary(counts))
         write_counts(folder, counts.counts, counts.num_texts)
+        clear_segments(folder)
+
+    def speed(self, texts: int) -> dict:
+        """How fast this run (not the interrupted runs it resumed) attributed its texts, and on what."""
+        seconds = time.perf_counter() - self.started if self.started is not None else 0.0
+        return {
+            "texts": texts,
+            "wall_seconds": seconds,
+            "texts_per_second": texts / seconds if seconds > 0 else None,
+            "precision": str(self.trainer.precision),
+            **hardware(self.device, self.trainer.world_size),
+        }
 
     def summary(self, counts) -> dict:
         """Everything needed to trace and reproduce the counts."""
@@ -167,7 +253,9 @@ class AttributionModule(LightningModule):
         data_hparams = dict(data.hparams) if data is not None else {}
         kinds = {}
         for target in self.targets:
-            entry = kinds.setdefault(target.kind, {"side": target.side, "num_layers": 0, "num_neurons": target.num_neurons})
+            entry = kinds.setdefault(
+                target.kind, {"side": target.side, "num_layers": 0, "num_neurons": target.num_neurons}
+            )
             entry["num_layers"] += 1
         return {
             "model": preset.label,
@@ -187,6 +275,7 @@ class AttributionModule(LightningModule):
             "precision": str(self.trainer.precision),
             "dtype": str(next(self.text_encoder.transformer.parameters()).dtype).removeprefix("torch."),
             "devices": self.trainer.world_size,
+            "speed": self.speed(int(counts.num_texts) - self.earlier[1]),
             "versions": package_versions(),
             "identity": self.run_identity,
         }

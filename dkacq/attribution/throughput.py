@@ -1,20 +1,20 @@
-"""A progress bar that shows texts per second while attributing."""
+"""The progress bar of ``dkacq attribute``: texts attributed and texts per second."""
 
-import time
+from dkacq.encoders.extraction import TextProgressBar
 
-from lightning.pytorch.callbacks import TQDMProgressBar
+PLURALS = {"query": "queries", "passage": "passages"}
 
 
-class TextThroughputBar(TQDMProgressBar):
-    """TQDM's bar, with the rate in texts (a batch holds several) next to batches."""
+class TextThroughputBar(TextProgressBar):
+    """TQDM's bar counted in texts (a batch holds several), with the rate in texts per second::
 
-    def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        super().on_predict_epoch_start(trainer, pl_module)
-        self._texts, self._start = 0, time.perf_counter()
+    attributing minilm: queries 100%|██████████| 200/200 [00:41<00:00, 4.85 texts/s]
+    """
 
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        self._texts += len(batch)
-        if self.predict_progress_bar is not None:
-            rate = self._texts / max(time.perf_counter() - self._start, 1e-9)
-            self.predict_progress_bar.set_postfix(texts=self._texts, texts_per_s=f"{rate:.2f}")
+    def describe(self, trainer, pl_module) -> str:
+        if self.description:
+            return self.description
+        preset, side = getattr(pl_module, "preset", None), getattr(pl_module.hparams, "text_side", None)
+        if preset is None or side is None:
+            return "attributing"
+        return f"attributing {preset.label}: {PLURALS.get(side, side)}"

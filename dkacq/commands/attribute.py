@@ -6,11 +6,13 @@ from pathlib import Path
 
 import matplotlib.image
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dkacq.attribution.module import AttributionModule
 from dkacq.attribution.throughput import TextThroughputBar
+from dkacq.commands import output
 from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.datamodules.texts import TextDataModule
 from dkacq.encoders.presets import PRESETS, get_preset, split_control_label
@@ -21,6 +23,8 @@ class DkacqTrainer(Trainer):
     def attribute(self, model: AttributionModule, datamodule: TextDataModule | None = None) -> None:
         """Integrated-gradients attribution of a preset's MLP neurons over a text set."""
         self.predict(model, datamodule=datamodule, return_predictions=False)
+        if not model.written:  # every text was counted by an interrupted run: Lightning ran no epoch
+            model.write_results()
 
 
 class SaveAttributionConfig(SaveConfigBesideOutputs):
@@ -45,9 +49,23 @@ class AttributionCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {"attribute": {"model", "datamodule"}}
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            output.name_subcommands(self._subcommand_parsers)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.text_side", "model.text_side")
         parser.add_lightning_class_args(TextThroughputBar, "progress_bar")
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The trainer, with the ``progress_bar`` options' bar only where a bar is shown and the user's
+        callbacks hold none of their own (Lightning refuses a bar with ``enable_progress_bar`` false)."""
+        options = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if not output.progress_bar_wanted(options):
+            callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+        return self._instantiate_trainer(options, callbacks)
 
     def finished(self) -> bool:
         """Whether the output folder holds this run's counts already; refuses (one line) a folder that
@@ -57,6 +75,11 @@ class AttributionCLI(LightningCLI):
         data.setup("predict")
         identity = self.model.identity(data, str(self.trainer.precision))
         return self.model.finished(self.model.output_path_for(data), identity)
+
+    def before_attribute(self) -> None:
+        """Check the output folder (and read the texts) before the model is loaded; then start."""
+        self.finished()
+        output.checked()
 
     def run_attribution(self) -> None:
         """Attribute and draw, as ``dkacq attribute`` does (for a CLI built by :func:`build`)."""
@@ -124,14 +147,17 @@ CLI_SETTINGS = dict(
     save_config_callback=SaveAttributionConfig,
     seed_everything_default=42,
     trainer_defaults={"inference_mode": False, "logger": False},
+    parser_kwargs={"prog": output.PROG},
 )
 
 
 def build(options: dict) -> AttributionCLI:
     """The attribution CLI parsed from a config dict and instantiated, without running: what the sweep
     uses, so that its configs go through the same classes as ``dkacq attribute``'s."""
+    output.quiet()
     return AttributionCLI(AttributionModule, TextDataModule, args=options, run=False, **CLI_SETTINGS)
 
 
 def run(args: list[str]) -> AttributionCLI:
+    output.quiet(new_command=True)
     return AttributionCLI(AttributionModule, TextDataModule, args=expand_model_shorthand(args), **CLI_SETTINGS)

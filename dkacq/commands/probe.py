@@ -5,9 +5,11 @@ import shutil
 from pathlib import Path
 
 import yaml
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dkacq.commands import output
 from dkacq.datamodules.probe import ProbeDataModule
 from dkacq.formats.atomic import atomic_write_text
 from dkacq.formats.identity import digest, without
@@ -18,17 +20,34 @@ from dkacq.probe.results import ProbeResults
 
 CHECKPOINT_ROOT = Path("checkpoints")
 CLI_SETTINGS = dict(
-    save_config_callback=None, seed_everything_default=42, trainer_defaults={"max_epochs": 30, "deterministic": True}
+    save_config_callback=None,
+    seed_everything_default=42,
+    trainer_defaults={"max_epochs": 30, "deterministic": True, "enable_model_summary": False},
+    parser_kwargs={"prog": output.PROG},
 )
 IDENTITY_GROUPS = ("seed_everything", "trainer", "model", "data", "checkpoint", "optimizer", "lr_scheduler")
 """The parsed options that can change a probe's numbers: everything of these groups but ``NOT_IDENTITY``.
 The command's own arguments (``heads``, ``ckpt_path``, ``verbose``) and ``results`` are not among them."""
 NOT_IDENTITY = (
-    "checkpoint.dirpath", "checkpoint.filename", "checkpoint.save_top_k", "checkpoint.verbose",
-    "checkpoint.save_last", "checkpoint.auto_insert_metric_name", "checkpoint.enable_version_counter",
-    "trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.enable_checkpointing",
-    "trainer.default_root_dir", "trainer.log_every_n_steps", "trainer.profiler",
-    "data.layers", "data.cache_dir", "data.cache_name", "data.extraction_batch_size", "data.verify_cache",
+    "checkpoint.dirpath",
+    "checkpoint.filename",
+    "checkpoint.save_top_k",
+    "checkpoint.verbose",
+    "checkpoint.save_last",
+    "checkpoint.auto_insert_metric_name",
+    "checkpoint.enable_version_counter",
+    "trainer.logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.enable_checkpointing",
+    "trainer.default_root_dir",
+    "trainer.log_every_n_steps",
+    "trainer.profiler",
+    "data.layers",
+    "data.cache_dir",
+    "data.cache_name",
+    "data.extraction_batch_size",
+    "data.verify_cache",
     "model.hidden_size",
 )
 """Options that decide where outputs go or what is shown, never a number: left out of a cell's identity.
@@ -47,11 +66,21 @@ class ProbeCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {key: value for key, value in LightningCLI.subcommands().items() if key in ("fit", "validate", "test")}
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if add_subcommands:
+            output.name_subcommands(self._subcommand_parsers)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_passages", "model.num_passages")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
-            {"checkpoint.monitor": "val/acc", "checkpoint.mode": "max", "checkpoint.filename": "best", "checkpoint.save_top_k": 1}
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_top_k": 1,
+            }
         )
         parser.add_lightning_class_args(ProbeResults, "results")
         parser.add_argument(
@@ -60,6 +89,15 @@ class ProbeCLI(LightningCLI):
             default=None,
             help="Probe heads to run, each on every layer (default: model.head alone).",
         )
+
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        """The trainer, with a bar that names the cell (:class:`~dkacq.commands.output.CellProgressBar`)
+        where a bar is shown and the user's callbacks hold none of their own."""
+        options = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if output.progress_bar_wanted(options):
+            callbacks.append(output.CellProgressBar())
+        return self._instantiate_trainer(options, callbacks)
 
     @property
     def run_config(self):
@@ -83,9 +121,17 @@ class ProbeCLI(LightningCLI):
         cells = []
         for head, layer in itertools.product(heads, data.probed_layers()):
             identity = setting | {"model": setting["model"] | {"head": head}, "layer": layer}
-            cells.append(ProbeCell(
-                data.hparams.dataset, data.preset.label, data.preset.pooling, data.hparams.num_passages, layer, head, identity,
-            ))
+            cells.append(
+                ProbeCell(
+                    data.hparams.dataset,
+                    data.preset.label,
+                    data.preset.pooling,
+                    data.hparams.num_passages,
+                    layer,
+                    head,
+                    identity,
+                )
+            )
         check_cells(self.results.results_path, cells)
         return cells
 
@@ -113,11 +159,18 @@ class ProbeCLI(LightningCLI):
         if options["trainer"].get("logger") in (None, True):
             options["trainer"]["logger"] = {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(self.results.run_dir), "name": "tensorboard", "version": cell.name},
+                "init_args": {
+                    "save_dir": str(self.results.run_dir),
+                    "name": "tensorboard",
+                    "version": cell.name,
+                    "default_hp_metric": False,
+                },
             }
         cli = build(options)
         cli.results.cell = cell
         cli.results.config_file = self.results.config_file
+        if isinstance(cli.trainer.progress_bar_callback, output.CellProgressBar):
+            cli.trainer.progress_bar_callback.cell = cell.label
         return cli
 
     def _save_config(self) -> None:
@@ -142,14 +195,23 @@ class ProbeCLI(LightningCLI):
         """Fit one probe per cell, keep the best validation epoch, test it and record the result.
 
         A cell starts from an empty checkpoint folder, so a cell interrupted earlier starts again cleanly.
+        Each cell is announced on a line of its own (``[3/14] demo minilm mean N=5 layer 2 concat``),
+        counting the cells that run; those left out as finished are counted once, before.
         """
         cells = self.plan()
+        output.checked()
         self._save_config()
         self.datamodule.prepare_data()
         done = finished_ids(self.results.results_path) if self.results.skip_finished else set()
-        for cell in cells:
-            if cell.id in done:
-                continue
+        todo = [cell for cell in cells if cell.id not in done]
+        if len(todo) < len(cells):
+            skipped = len(cells) - len(todo)
+            output.say(
+                f"{skipped} of {len(cells)} cells skipped: {self.results.results_path} holds their results "
+                f"from these settings (results.skip_finished)"
+            )
+        for number, cell in enumerate(todo, 1):
+            output.say(f"[{number}/{len(todo)}] {cell.label}")
             cli = self.cell_cli(cell)
             shutil.rmtree(self._checkpoint_folder(cell), ignore_errors=True)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, **kwargs)
@@ -160,23 +222,35 @@ class ProbeCLI(LightningCLI):
         self.fit_cells(ckpt_path, **kwargs)
 
     def validate(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        for cell in self.plan():
+        cells = self.plan()
+        output.checked()
+        for number, cell in enumerate(cells, 1):
+            output.say(f"[{number}/{len(cells)}] {cell.label}")
             cli = self.cell_cli(cell)
-            cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
+            cli.trainer.validate(
+                cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs
+            )
 
     def test(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
+        cells = self.plan()
+        output.checked()
         self._save_config()
-        for cell in self.plan():
+        for number, cell in enumerate(cells, 1):
+            output.say(f"[{number}/{len(cells)}] {cell.label}")
             cli = self.cell_cli(cell)
-            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs)
+            cli.trainer.test(
+                cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs
+            )
         print(self.results.results_path)
 
 
 def build(options: dict) -> ProbeCLI:
     """The probe CLI parsed from a config dict and instantiated, without running a subcommand: what
     every cell and the sweep use, so that their configs go through the same classes as ``dkacq fit``'s."""
+    output.quiet()
     return ProbeCLI(LinearProbe, ProbeDataModule, args=options, run=False, **CLI_SETTINGS)
 
 
 def run(args: list[str]) -> ProbeCLI:
+    output.quiet(new_command=True)
     return ProbeCLI(LinearProbe, ProbeDataModule, args=args, **CLI_SETTINGS)

@@ -1,33 +1,43 @@
 """``dkacq report``: the study's figures and a Markdown summary from results tables and attribution runs."""
 
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import auto_cli
 
 from dkacq.report.summary import write_report
 
 
+def _paths(value: Path | list[Path] | None) -> list[Path]:
+    """One path or a list of them, as a list."""
+    if value is None:
+        return []
+    return [Path(value)] if isinstance(value, (str, Path)) else [Path(path) for path in value]
+
+
 def report(
-    results: list[Path] | None = None,
-    attributions: list[Path] | None = None,
+    results: Path | list[Path] | None = None,
+    attributions: Path | list[Path] | None = None,
     out_dir: Path = Path("runs/report"),
     base_models: dict[str, str] | None = None,
     published_overlay: bool = True,
+    format: Literal["png", "pdf", "svg"] = "png",
 ) -> Path:
     """Write the figures and ``report.md`` into ``out_dir``; print the report's path.
 
     Args:
-        results: ``results.csv`` files of ``dkacq fit`` runs.
-        attributions: output folders of ``dkacq attribute`` runs.
+        results: a ``results.csv`` of a ``dkacq fit`` run, or a list of them (``--results=[a.csv,b.csv]``).
+        attributions: the output folder of a ``dkacq attribute`` run, or a list of them.
         out_dir: where figures and report.md go.
         base_models: pooling -> the model every model of that pooling group is tested against with
             McNemar's test (default: bert-base-uncased for cls and mean, llama for eos).
         published_overlay: draw the study's published curves beside yours.
+        format: file format of every figure: png, or pdf or svg for vector figures (papers).
     """
-    path = write_report(list(results or []), list(attributions or []), out_dir, base_models, published_overlay)
+    path = write_report(_paths(results), _paths(attributions), out_dir, base_models, published_overlay, format)
     print(path)
     return path
 
 
 def run(args: list[str]) -> None:
-    auto_cli(report, args=args[1:])
+    auto_cli(report, args=args[1:], prog="dkacq report")

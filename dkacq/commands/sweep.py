@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 from jsonargparse import auto_cli
 
-from dkacq.commands import attribute, probe
+from dkacq.commands import attribute, output, probe
 from dkacq.commands.report import report
 from dkacq.datamodules.texts import TextDataModule
 from dkacq.probe.heads import HEADS, Head
@@ -96,7 +96,9 @@ def study_clis(
 ) -> tuple[list[probe.ProbeCLI], list[attribute.AttributionCLI]]:
     """Every probe setting and attribution run of a study, parsed and instantiated (nothing loaded or run)."""
     probe_clis = [probe.build(config) for config in probe_configs(run_dir, data or {}, probes)]
-    attribution_clis = [attribute.build(config) for config in attribution_configs(run_dir, data or {}, attributions or [])]
+    attribution_clis = [
+        attribute.build(config) for config in attribution_configs(run_dir, data or {}, attributions or [])
+    ]
     return probe_clis, attribution_clis
 
 
@@ -126,6 +128,7 @@ def sweep(
     for cli in probe_clis:
         cli.plan()
     pending = [cli for cli in attribution_clis if not cli.finished()]
+    output.checked()
 
     for cli in probe_clis:
         cli.fit_cells()
@@ -133,8 +136,10 @@ def sweep(
         cli.run_attribution()
     results = run_dir / "probe" / "results.csv"
     attribution_dirs = [run_dir / "attribution" / run.name for run in attributions or []]
-    return report([results] if results.exists() else [], attribution_dirs, run_dir / "report", base_models, published_overlay)
+    return report(
+        [results] if results.exists() else [], attribution_dirs, run_dir / "report", base_models, published_overlay
+    )
 
 
 def run(args: list[str]) -> None:
-    auto_cli(sweep, args=args[1:])
+    auto_cli(sweep, args=args[1:], prog="dkacq sweep")

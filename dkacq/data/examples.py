@@ -13,9 +13,10 @@ import io
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import datasets
 import ijson
@@ -25,7 +26,11 @@ import pyarrow.compute as pc
 from dkacq.data.sampling import sample_negatives
 
 EXAMPLE_COLUMNS = (
-    "question", "positive_context", "negative_context_0", "negative_context_1", "negative_context_2",
+    "question",
+    "positive_context",
+    "negative_context_0",
+    "negative_context_1",
+    "negative_context_2",
     "negative_context_3",
 )
 ProbeFormat = Literal["demo", "dpr", "msmarco", "published", "local"]
@@ -111,13 +116,18 @@ def read_probe_set(
         if any(part.dropped.values()):
             _log.warning(
                 "%s (%s split): records dropped for having no positive: %d, no negative: %d",
-                part.source, split, part.dropped["no_positive"], part.dropped["no_negative"],
+                part.source,
+                split,
+                part.dropped["no_positive"],
+                part.dropped["no_negative"],
             )
     overlap = len(set(splits["train"].dataset["question"]) & set(splits["test"].dataset["question"]))
     if overlap:
         _log.warning(
             "distinct questions in both train (%s) and test (%s): %d",
-            splits["train"].source, splits["test"].source, overlap,
+            splits["train"].source,
+            splits["test"].source,
+            overlap,
         )
     return ProbeSetRead(
         probe_set=datasets.DatasetDict({split: part.dataset for split, part in splits.items()}),
@@ -172,7 +182,7 @@ def _published_set(train: str | None, test: str | None, hub_id: str | None) -> d
 def _msmarco_set(train: str | None, test: str | None, hub_id: str | None, seed: int) -> dict[str, _Split]:
     if train is not None or test is not None:
         _require_files("msmarco", train, test, "JSONL or Parquet files of MS MARCO v1.1 rows")
-        sources = {split: (_read_table(path), Path(path).name) for split, path in (("train", train), ("test", test))}
+        sources = {split: (_read_table(path), os.fspath(path)) for split, path in (("train", train), ("test", test))}
     else:
         repo = hub_id or MSMARCO_HUB_ID
         sources = {
@@ -243,8 +253,8 @@ def _dpr_split(path: str | os.PathLike, rng: random.Random) -> _Split:
     held in memory. A record whose ``positive_ctxs`` or ``hard_negative_ctxs`` is empty gives no
     example and draws nothing.
     """
+    name = os.fspath(path)
     path = Path(path)
-    name = path.name
     examples = _ExampleColumns()
     opener = gzip.open if path.suffix == ".gz" else open
     try:
@@ -362,7 +372,7 @@ def _msmarco_split(rows: datasets.Dataset, name: str, rng: random.Random) -> _Sp
 
 def _table_set(train: str | os.PathLike, test: str | os.PathLike, allow_empty: bool) -> dict[str, _Split]:
     return {
-        split: _table_split(_read_table(path), Path(path).name, allow_empty)
+        split: _table_split(_read_table(path), os.fspath(path), allow_empty)
         for split, path in (("train", train), ("test", test))
     }
 
@@ -374,15 +384,15 @@ def _table_split(table: datasets.Dataset, name: str, allow_empty: bool) -> _Spli
 
 def _read_table(path: str | os.PathLike) -> datasets.Dataset:
     """A local JSONL (optionally gzipped) or Parquet file as a ``datasets.Dataset``."""
+    name = os.fspath(path)
     path = Path(path)
-    name = path.name
     if not path.is_file():
-        raise ProbeDataError(f"{name}: no such file ({path})")
+        raise ProbeDataError(f"{name}: no such file")
     if path.stat().st_size == 0:
         raise ProbeDataError(f"{name}: holds no records")
-    if name.endswith(".parquet"):
+    if path.name.endswith(".parquet"):
         builder, kind = "parquet", "Parquet"
-    elif name.endswith(_JSON_SUFFIXES):
+    elif path.name.endswith(_JSON_SUFFIXES):
         builder, kind = "json", "JSON lines"
     else:
         raise ProbeDataError(f"{name}: unknown file type (expected .jsonl, .json, .jsonl.gz or .parquet)")

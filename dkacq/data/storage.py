@@ -15,7 +15,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_from_disk
 
-from dkacq.data.examples import DEMO_FILES, EXAMPLE_COLUMNS, ProbeFormat, file_digest, read_probe_set
+from dkacq.data.examples import DEMO_FILES, EXAMPLE_COLUMNS, ProbeDataError, ProbeFormat, file_digest, read_probe_set
 from dkacq.formats.atomic import atomic_write_text, default_mode, file_lock
 
 STORE_FORMAT = 2  # raised when the manifest records more, so older stores are rebuilt
@@ -37,6 +37,16 @@ def _source_files(source: ProbeFormat, train_file: str | None, test_file: str | 
     if source == "demo":
         return [DEMO_FILES["train"], DEMO_FILES["test"]]
     return [Path(path) for path in (train_file, test_file) if path is not None and Path(path).is_file()]
+
+
+def check_dataset_name(dataset: str, source: str) -> None:
+    """A data set's name keys its probe set, its caches and its results rows: the shipped demo set's name
+    given to other data would store that data under ``demo`` and label its results ``demo``."""
+    if source != "demo" and dataset == "demo":
+        raise ProbeDataError(
+            f"data.source={source} needs its own data.dataset name (e.g. nq or msmarco): the name keys its "
+            "stored probe set, caches and results, and 'demo' belongs to the shipped demo set"
+        )
 
 
 def stored_probe_set(

@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from dkacq.data.examples import ProbeFormat
 from dkacq.data.sampling import check_num_passages, draw_passage_orders
-from dkacq.data.storage import fingerprint, stored_probe_set
-from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, open_cache
+from dkacq.data.storage import check_dataset_name, fingerprint, stored_probe_set
 from dkacq.encoders import extraction, loading
+from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, open_cache
 from dkacq.encoders.pooling import Pooling
 from dkacq.encoders.presets import EncoderPreset, get_preset
 from dkacq.formats.atomic import file_lock
@@ -88,7 +88,10 @@ def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtyp
         "normalize": preset.normalize,
         "random_init": preset.random_init,
         "init_seed": preset.seed,
-        "weights": {"query": loading.weights_identity(preset.query), "passage": loading.weights_identity(preset.passage)},
+        "weights": {
+            "query": loading.weights_identity(preset.query),
+            "passage": loading.weights_identity(preset.passage),
+        },
         "storage_dtype": storage_dtype,
         "extraction_precision": precision,
         "data_fingerprint": data_fingerprint,
@@ -131,7 +134,7 @@ class ProbeDataModule(LightningDataModule):
         """
         Args:
             encoder: preset name (``dkacq.encoders.presets.PRESETS``): bert-cls, dpr-query, dpr-passage,
-                dpr-paired, bert-mean, contriever, llama, repllama, or the offline minilm, smollm.
+                dpr-paired, bert-mean, contriever, llama, repllama, or minilm (offline), smollm, smollm-gguf (offline).
             model: other weights (hub id or folder) probed with the preset's settings, e.g. your own
                 fine-tuned retriever.
             random_init: probe the preset's architecture with fresh weights (the untrained control).
@@ -170,6 +173,7 @@ class ProbeDataModule(LightningDataModule):
             raise ValueError(f"max_examples must be at least 2, got {max_examples}")
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        check_dataset_name(dataset, source)
         self.save_hyperparameters()
         self.preset = get_preset(encoder, random_init, init_seed, model, pooling)
         self.folder = Path(cache_dir) / dataset
@@ -213,7 +217,9 @@ class ProbeDataModule(LightningDataModule):
     @cached_property
     def num_hidden_states(self) -> int:
         """Hidden states of the encoder (the embedding output included), read from its config file."""
-        counts = {loading.model_config(source).num_hidden_layers + 1 for source in (self.preset.query, self.preset.passage)}
+        counts = {
+            loading.model_config(source).num_hidden_layers + 1 for source in (self.preset.query, self.preset.passage)
+        }
         if len(counts) != 1:
             raise ValueError(f"{self.preset.name}: query and passage encoders have different numbers of layers")
         return counts.pop()
@@ -247,6 +253,7 @@ class ProbeDataModule(LightningDataModule):
                 self.hparams.extraction_batch_size,
                 self.precision,
                 self.hparams.cache_dtype,
+                label=self.preset.label,
             )
 
     def open(self) -> EmbeddingCache:
@@ -275,16 +282,24 @@ class ProbeDataModule(LightningDataModule):
         num_val = max(1, round(self.hparams.val_fraction * len(order)))
         val_rows, train_rows = order[:num_val], order[num_val:]
         if self.hparams.standardize:
-            queries, passages = self._standardize(queries, passages, train_query[train_rows], train_passages[train_rows])
+            queries, passages = self._standardize(
+                queries, passages, train_query[train_rows], train_passages[train_rows]
+            )
         seed, n = self.hparams.seed, self.hparams.num_passages
         self.datasets = {
-            "train": ProbeExamples(queries, passages, train_query[train_rows], train_passages[train_rows], n, redraw_seed=seed),
-            "val": ProbeExamples(queries, passages, train_query[val_rows], train_passages[val_rows], n, fixed_seed=seed + 1),
+            "train": ProbeExamples(
+                queries, passages, train_query[train_rows], train_passages[train_rows], n, redraw_seed=seed
+            ),
+            "val": ProbeExamples(
+                queries, passages, train_query[val_rows], train_passages[val_rows], n, fixed_seed=seed + 1
+            ),
             "test": ProbeExamples(queries, passages, test_query, test_passages, n, fixed_seed=seed),
         }
 
     @staticmethod
-    def _standardize(queries: Tensor, passages: Tensor, query_rows: Tensor, passage_rows: Tensor) -> tuple[Tensor, Tensor]:
+    def _standardize(
+        queries: Tensor, passages: Tensor, query_rows: Tensor, passage_rows: Tensor
+    ) -> tuple[Tensor, Tensor]:
         def scale(vectors: Tensor, rows: Tensor) -> Tensor:
             fitted = vectors[rows.unique()]
             return (vectors - fitted.mean(0)) / fitted.std(0).clamp_min(1e-6)

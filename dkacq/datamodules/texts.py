@@ -8,7 +8,8 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from dkacq.data.examples import TEXT_COLUMNS, ProbeFormat, TextSide
-from dkacq.data.storage import stored_probe_set
+from dkacq.data.storage import check_dataset_name, stored_probe_set
+from dkacq.formats.counts import text_key
 
 
 def _texts_as_list(texts: list[str]) -> list[str]:
@@ -48,8 +49,10 @@ class TextDataModule(LightningDataModule):
         super().__init__()
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"max_examples must be at least 1, got {max_examples}")
+        check_dataset_name(dataset, source)
         self.save_hyperparameters()
         self.texts: list[str] = []
+        self.remaining: list[str] = []
 
     def prepare_data(self) -> None:
         self._probe_set()
@@ -63,8 +66,16 @@ class TextDataModule(LightningDataModule):
         probe_set, _ = self._probe_set()
         texts = list(dict.fromkeys(probe_set[self.hparams.split][TEXT_COLUMNS[self.hparams.text_side]]))
         self.texts = texts[: self.hparams.max_examples]
+        self.remaining = self.texts
         if not self.texts:
-            raise ValueError(f"no {self.hparams.text_side} texts in the {self.hparams.split} split of {self.hparams.dataset}")
+            raise ValueError(
+                f"no {self.hparams.text_side} texts in the {self.hparams.split} split of {self.hparams.dataset}"
+            )
+
+    def exclude(self, keys: set[str]) -> None:
+        """Leave out the texts whose :func:`~dkacq.formats.counts.text_key` is in ``keys`` (counted
+        already by an interrupted run); :meth:`fingerprint` still names the whole text set."""
+        self.remaining = [text for text in self.texts if text_key(text) not in keys]
 
     def fingerprint(self) -> str:
         """A content hash of the texts to attribute, in order (``setup`` must have run)."""
@@ -74,4 +85,4 @@ class TextDataModule(LightningDataModule):
         return hashed.hexdigest()[:16]
 
     def predict_dataloader(self) -> DataLoader:
-        return DataLoader(self.texts, batch_size=self.hparams.batch_size, collate_fn=_texts_as_list)
+        return DataLoader(self.remaining, batch_size=self.hparams.batch_size, collate_fn=_texts_as_list)

@@ -33,7 +33,11 @@ from torch import Tensor
 from dkacq.formats.atomic import atomic_write, atomic_write_text, default_mode
 
 CACHE_FORMAT = 1
-STORAGE_DTYPES = {"float32": (torch.float32, "F32"), "float16": (torch.float16, "F16"), "bfloat16": (torch.bfloat16, "BF16")}
+STORAGE_DTYPES = {
+    "float32": (torch.float32, "F32"),
+    "float16": (torch.float16, "F16"),
+    "bfloat16": (torch.bfloat16, "BF16"),
+}
 INDEX_FILE = "index.safetensors"
 MANIFEST_FILE = "manifest.json"
 
@@ -184,7 +188,9 @@ def read_manifest(folder: Path) -> dict | None:
         raise damaged(folder, path, f"holds a JSON {type(manifest).__name__}, not an object")
     if not isinstance(manifest.get("files"), dict):
         raise damaged(
-            folder, path, "records no file sizes or checksums (written by an older dkacq), so the cache cannot be checked"
+            folder,
+            path,
+            "records no file sizes or checksums (written by an older dkacq), so the cache cannot be checked",
         )
     return manifest
 

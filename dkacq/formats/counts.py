@@ -6,23 +6,33 @@ active in: an int64 ``[num_layers, num_neurons]`` tensor keyed ``"{kind}@{thresh
 ``summary.json`` records how the counts were made (model, pooling, texts, thresholds, and per kind its
 ``side``, ``num_layers`` and ``num_neurons``) and the run's identity. Both files are written whole
 under a temporary name and renamed, the summary first: a folder with counts is a finished run.
+
+While a run is in progress, ``progress/<segment>.safetensors`` files hold what each process has counted
+so far: its counts (as in ``counts.safetensors``), and in the metadata the keys of the texts it counted
+(:func:`text_key`) and the run's identity. Each process rewrites its own segment after every batch, whole
+or not at all, so a run killed at any moment resumes from the texts its segments hold; segments of one
+run never share a text. They are removed once ``counts.safetensors`` is written.
 """
 
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from dkacq.formats.atomic import atomic_write, atomic_write_text
+from dkacq.formats.identity import canonical
 
 SUMMARY_FILE = "summary.json"
 COUNTS_FILE = "counts.safetensors"
 NUM_TEXTS_KEY = "num_texts"
+PROGRESS_DIR = "progress"
 SIDES: tuple[str, ...] = ("intermediate", "output")
 """The sides a kind can belong to in ``summary.json``, in the order the report shows them: the wide
 hidden side of the feed-forward block, then its projection back to the model width."""
@@ -64,6 +74,65 @@ def write_summary(folder: Path, summary: dict) -> Path:
 
 def read_summary(folder: Path) -> dict:
     return json.loads((Path(folder) / SUMMARY_FILE).read_text())
+
+
+def text_key(text: str) -> str:
+    """A short content hash naming a text in progress segments (the texts of a run are distinct)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What one process of one run had counted when it last saved."""
+
+    counts: dict[tuple[str, float], torch.Tensor]
+    num_texts: int
+    texts: list[str]
+    """The :func:`text_key` of every text counted."""
+    identity: dict | None
+
+
+def write_segment(folder: Path, name: str, segment: Segment) -> Path:
+    """Write (or replace) ``folder/progress/<name>.safetensors`` whole."""
+    tensors = counts_tensors(segment.counts, segment.num_texts)
+    metadata = {"texts": json.dumps(segment.texts), "identity": canonical(segment.identity or {})}
+    path = Path(folder) / PROGRESS_DIR / f"{name}.safetensors"
+    return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+
+
+def read_segments(folder: Path) -> list[Segment]:
+    """The progress segments of an unfinished run in ``folder`` (none for a fresh or finished one)."""
+    segments = []
+    for path in sorted((Path(folder) / PROGRESS_DIR).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as file:
+            metadata = file.metadata() or {}
+            tensors = {key: file.get_tensor(key) for key in file.keys()}
+        counts, num_texts = split_counts_tensors(tensors)
+        segments.append(
+            Segment(
+                counts,
+                num_texts,
+                json.loads(metadata.get("texts", "[]")),
+                json.loads(metadata.get("identity", "{}")) or None,
+            )
+        )
+    return segments
+
+
+def sum_segments(segments: Iterable[Segment]) -> tuple[dict[tuple[str, float], torch.Tensor], int]:
+    """The counts and number of texts of several segments together."""
+    total: dict[tuple[str, float], torch.Tensor] = {}
+    num_texts = 0
+    for segment in segments:
+        for key, count in segment.counts.items():
+            total[key] = total[key] + count if key in total else count.clone()
+        num_texts += segment.num_texts
+    return total, num_texts
+
+
+def clear_segments(folder: Path) -> None:
+    for path in (Path(folder) / PROGRESS_DIR).glob("*.safetensors"):
+        path.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

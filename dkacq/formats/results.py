@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import numpy as np
+import torch
 from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
@@ -22,10 +22,34 @@ from dkacq.formats.atomic import atomic_write, file_lock
 from dkacq.formats.identity import canonical, differences, digest
 
 RESULT_COLUMNS = (
-    "dataset", "model", "pooling", "num_passages", "layer", "probe", "best_epoch", "val_acc", "test_acc",
-    "num_train", "num_val", "num_test", "preset", "random_init", "init_seed", "standardize", "max_examples",
-    "max_epochs", "learning_rate", "batch_size", "val_fraction", "seed", "precision", "weights",
-    "data_fingerprint", "cell_id", "config", "predictions",
+    "dataset",
+    "model",
+    "pooling",
+    "num_passages",
+    "layer",
+    "probe",
+    "best_epoch",
+    "val_acc",
+    "test_acc",
+    "num_train",
+    "num_val",
+    "num_test",
+    "preset",
+    "random_init",
+    "init_seed",
+    "standardize",
+    "max_examples",
+    "max_epochs",
+    "learning_rate",
+    "batch_size",
+    "val_fraction",
+    "seed",
+    "precision",
+    "weights",
+    "data_fingerprint",
+    "cell_id",
+    "config",
+    "predictions",
 )
 CELL_KEY = ("dataset", "model", "pooling", "num_passages", "layer", "probe")
 """The columns a report shows a row under."""
@@ -73,9 +97,43 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+OUTCOME_COLUMNS = ("index", "label", "prediction", "correct")
+"""Columns of the CSV copy of an outcome file, one row per test example."""
+
+
+def outcomes_csv_path(path: Path) -> Path:
+    """The CSV copy beside the safetensors outcome file ``path``: same name, ``.csv``."""
+    return Path(path).with_suffix(".csv")
+
+
 def write_predictions(path: Path, outcomes: dict[str, torch.Tensor], identity: dict) -> None:
-    """Per-example outcomes of a tested probe, with the identity of the cell in the file's metadata."""
-    atomic_write(path, lambda temporary: save_file(outcomes, str(temporary), metadata={"identity": canonical(identity)}))
+    """Per-example outcomes of a tested probe, with the identity of the cell in the file's metadata.
+
+    A CSV copy with the columns :data:`OUTCOME_COLUMNS` goes beside it (:func:`outcomes_csv_path`), so
+    that the outcomes can be read without dkacq (spreadsheets, pandas, R, awk): CSV rather than Parquet,
+    because the table is a few thousand small integers per probe, ``results.csv`` is CSV already, and
+    a reader then needs no pyarrow. ``index`` defaults to 0, 1, ... when ``outcomes`` has none.
+    """
+    columns = {
+        name: [int(v) for v in outcomes[name].reshape(-1).tolist()] for name in OUTCOME_COLUMNS if name in outcomes
+    }
+    missing = [name for name in ("label", "prediction", "correct") if name not in columns]
+    if missing:
+        raise ValueError(f"outcomes lack {', '.join(missing)}; got {', '.join(outcomes)}")
+    columns.setdefault("index", list(range(len(columns["correct"]))))
+    if len({len(values) for values in columns.values()}) != 1:
+        raise ValueError(f"outcome columns differ in length: { {name: len(v) for name, v in columns.items()} }")
+
+    def write_csv(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.writer(file)
+            writer.writerow(OUTCOME_COLUMNS)
+            writer.writerows(zip(*(columns[name] for name in OUTCOME_COLUMNS)))
+
+    atomic_write(outcomes_csv_path(path), write_csv)
+    atomic_write(
+        path, lambda temporary: save_file(outcomes, str(temporary), metadata={"identity": canonical(identity)})
+    )
 
 
 def read_correct(path: Path) -> np.ndarray:

@@ -62,6 +62,8 @@ class LinearProbe(LightningModule):
         accuracy = self.accuracy[f"{split}_acc"]
         accuracy(prediction, batch["label"])
         self.log(f"{split}/loss", loss, prog_bar=split != "test", batch_size=len(prediction))
+        if split == "train":  # train/loss is per step; its mean over the epoch beside val/loss
+            self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, batch_size=len(prediction))
         self.log(f"{split}/acc", accuracy, prog_bar=True, on_epoch=True, on_step=False)
         return loss, prediction
 

@@ -13,7 +13,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, NullLocator
 
 from dkacq.formats.counts import SIDES, AttributionRun
-from dkacq.report.plotting import legend_below, save_png
+from dkacq.report.plotting import legend_below, save_figure
 
 
 def bin_max_percentages(counts: np.ndarray, num_texts: int, bins: int = 10) -> np.ndarray:
@@ -50,8 +50,16 @@ def _kind_title(run: AttributionRun, kind: str) -> str:
 def _heatmap(ax: Axes, matrix: np.ndarray, cmap: str, vmin: float, vmax: float, annotate: bool) -> AxesImage:
     """Layers bottom to top (layer 1 at the bottom), bins left to right, both numbered from 1."""
     layers, bins = matrix.shape
-    image = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto", origin="lower",
-                      extent=(0.5, bins + 0.5, 0.5, layers + 0.5), interpolation="nearest")
+    image = ax.imshow(
+        matrix,
+        cmap=cmap,
+        vmin=vmin,
+        vmax=vmax,
+        aspect="auto",
+        origin="lower",
+        extent=(0.5, bins + 0.5, 0.5, layers + 0.5),
+        interpolation="nearest",
+    )
     ax.set_xticks(range(1, bins + 1))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("neuron bin (tenths of the neurons, index order)")
@@ -59,12 +67,19 @@ def _heatmap(ax: Axes, matrix: np.ndarray, cmap: str, vmin: float, vmax: float, 
     if annotate:
         decimals = 0 if vmax >= 10 else 1
         for (row, column), value in np.ndenumerate(matrix):
-            ax.text(column + 1, row + 1, f"{value:.{decimals}f}", ha="center", va="center", fontsize=7,
-                    color="white" if value > vmin + 0.6 * (vmax - vmin) else "black")
+            ax.text(
+                column + 1,
+                row + 1,
+                f"{value:.{decimals}f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if value > vmin + 0.6 * (vmax - vmin) else "black",
+            )
     return image
 
 
-def plot_attribution_heatmaps(run_dir: Path, out_path: Path, threshold: float | None = None) -> Path:
+def draw_attribution_heatmaps(run_dir: Path, threshold: float | None = None) -> Figure:
     """The study's attribution heatmap of one run: one panel per module kind, intermediate side first.
 
     ``threshold`` defaults to the run's first recorded threshold. Cells are annotated with their
@@ -80,12 +95,17 @@ def plot_attribution_heatmaps(run_dir: Path, out_path: Path, threshold: float | 
         ax.set_title(_kind_title(run, kind))
         figure.colorbar(image, ax=ax, label="% of texts (most active neuron of the bin)")
     figure.suptitle(f"Active neurons of {run_title(run)}\nthreshold {threshold:g}, {run.num_texts:,} texts")
-    return save_png(figure, out_path)
+    return figure
 
 
-def plot_attribution_comparison(
-    run_dir_a: Path, run_dir_b: Path, out_path: Path, threshold: float | None = None
+def plot_attribution_heatmaps(
+    run_dir: Path, out_path: Path, threshold: float | None = None, figure_format: str | None = None
 ) -> Path:
+    """:func:`draw_attribution_heatmaps` saved to ``out_path`` as PNG, PDF or SVG (default: its suffix)."""
+    return save_figure(draw_attribution_heatmaps(run_dir, threshold), out_path, figure_format)
+
+
+def draw_attribution_comparison(run_dir_a: Path, run_dir_b: Path, threshold: float | None = None) -> Figure:
     """Run A (e.g. a fine-tuned model) above run B (its backbone), one column per module kind.
 
     The two runs share one colour scale per column; when every kind has the same shape in both runs,
@@ -121,10 +141,17 @@ def plot_attribution_comparison(
             axes[2, column].set_title(f"{runs[0].model} minus {runs[1].model}: {kind}")
             figure.colorbar(image, ax=axes[2, column], label="difference (percentage points)")
     figure.suptitle(f"{run_title(runs[0])} vs {run_title(runs[1])}\nthreshold {threshold:g}")
-    return save_png(figure, out_path)
+    return figure
 
 
-def plot_active_fraction_vs_threshold(run_dirs: Sequence[Path], out_path: Path) -> Path:
+def plot_attribution_comparison(
+    run_dir_a: Path, run_dir_b: Path, out_path: Path, threshold: float | None = None, figure_format: str | None = None
+) -> Path:
+    """:func:`draw_attribution_comparison` saved to ``out_path`` as PNG, PDF or SVG (default: its suffix)."""
+    return save_figure(draw_attribution_comparison(run_dir_a, run_dir_b, threshold), out_path, figure_format)
+
+
+def draw_active_fraction_vs_threshold(run_dirs: Sequence[Path]) -> Figure:
     """Percentage of active (neuron, text) pairs against the threshold: a panel per side, a line per run.
 
     Each run contributes the thresholds it recorded; the x axis is logarithmic when they span a
@@ -144,7 +171,13 @@ def plot_active_fraction_vs_threshold(run_dirs: Sequence[Path], out_path: Path) 
         for ax, side in zip(axes, sides):
             if any(run.side(kind) == side for kind in run.kinds):
                 ts = sorted(run.thresholds)
-                ax.plot(ts, [run.active_percentage(side, t) for t in ts], color=colours(index % 10), marker="o")
+                ax.plot(
+                    ts,
+                    [run.active_percentage(side, t) for t in ts],
+                    color=colours(index % 10),
+                    marker="o",
+                    label=run_title(run),
+                )
     for ax, side in zip(axes, sides):
         if min(thresholds) > 0 and max(thresholds) / min(thresholds) >= 10:
             ax.set_xscale("log")
@@ -157,4 +190,11 @@ def plot_active_fraction_vs_threshold(run_dirs: Sequence[Path], out_path: Path) 
         ax.grid(alpha=0.3)
     figure.suptitle("Share of active neurons against the activation threshold")
     legend_below(figure, [("run", entries)])
-    return save_png(figure, out_path)
+    return figure
+
+
+def plot_active_fraction_vs_threshold(
+    run_dirs: Sequence[Path], out_path: Path, figure_format: str | None = None
+) -> Path:
+    """:func:`draw_active_fraction_vs_threshold` saved to ``out_path`` as PNG, PDF or SVG (default: its suffix)."""
+    return save_figure(draw_active_fraction_vs_threshold(run_dirs), out_path, figure_format)

@@ -15,9 +15,9 @@ from matplotlib.ticker import MaxNLocator
 
 from dkacq.encoders.presets import base_model_for, model_sort_key, split_control_label
 from dkacq.probe.heads import HEADS
-from dkacq.report.plotting import legend_below, save_png
+from dkacq.report.plotting import legend_below, save_figure
 from dkacq.report.published import published_curve
-from dkacq.report.stats import ProbeResult, significance_vs_base
+from dkacq.report.stats import ProbeResult, missing_comparison, significance_vs_base
 
 
 @dataclass(frozen=True)
@@ -95,10 +95,16 @@ def probe_curve_series(
     for key in sorted(curves, key=lambda k: (k[2], model_sort_key(k[4]), HEADS.index(k[3]))):
         _, _, num_passages, probe, model = key
         points = sorted(curves[key], key=lambda row: row.layer)
-        series.append(CurveSeries(
-            model, probe, num_passages,
-            np.array([row.layer for row in points]), np.array([row.test_acc for row in points]), flags[key],
-        ))
+        series.append(
+            CurveSeries(
+                model,
+                probe,
+                num_passages,
+                np.array([row.layer for row in points]),
+                np.array([row.test_acc for row in points]),
+                flags[key],
+            )
+        )
         if published_overlay and probe == "concat":
             layers, acc, _ = published_curve(dataset, pooling, model, num_passages)
             if len(layers):
@@ -106,19 +112,62 @@ def probe_curve_series(
     return series
 
 
-def plot_probe_curves(
+MARKS: dict[str, tuple[dict, str]] = {
+    "significant": (dict(marker="o", markersize=4.5), "differs from base (p < 0.05 / layers)"),
+    "not significant": (dict(marker="o", markersize=4.5, markerfacecolor="white"), "no significant difference"),
+    "base": (dict(marker="D", markersize=3.5), "base model (the reference)"),
+    "not compared": (dict(marker="x", markersize=5, markeredgewidth=1.2), "not compared with the base"),
+}
+"""How every point of our curves is marked: its McNemar flag against the base model, the base model's
+own points, and points without a comparison (the figure or panel title says why)."""
+
+
+def point_marks(s: CurveSeries, base_model: str | None) -> dict[str, np.ndarray]:
+    """Mark name -> boolean mask over ``s.layers``: every point of a curve gets exactly one mark."""
+    tested = np.isin(s.layers, list(s.significant))
+    flagged = np.isin(s.layers, [layer for layer, significant in s.significant.items() if significant])
+    is_base = np.full(len(s.layers), s.model == base_model)
+    return {
+        "significant": tested & flagged,
+        "not significant": tested & ~flagged,
+        "base": ~tested & is_base,
+        "not compared": ~tested & ~is_base,
+    }
+
+
+def panel_reasons(
+    rows: Sequence[ProbeResult], dataset: str, pooling: str, base_model: str | None
+) -> dict[int, str | None]:
+    """N -> why no layer of the panel is compared with the base model (None where some are)."""
+    rows = [row for row in rows if row.dataset == dataset and row.pooling == pooling]
+    everywhere = base_model is not None and any(row.model == base_model for row in rows)
+    reasons = {}
+    for num_passages in sorted({row.num_passages for row in rows}):
+        panel = [row for row in rows if row.num_passages == num_passages]
+        if base_model is None:
+            reasons[num_passages] = f"no base model for {pooling} pooling (see base_models)"
+        elif everywhere and not any(row.model == base_model for row in panel):
+            reasons[num_passages] = f"no base model {base_model} at N = {num_passages}"
+        else:
+            reasons[num_passages] = missing_comparison(panel, base_model)
+    return reasons
+
+
+def draw_probe_curves(
     rows: Sequence[ProbeResult],
-    out_path: Path,
     dataset: str,
     pooling: str,
     base_model: str | None = None,
     published_overlay: bool = True,
-) -> Path:
+) -> Figure:
     """The study's Figures 1-4 for one dataset and pooling group, with this project's additions.
 
     One panel per N: test accuracy per layer of every model (colour) and probe head (line style), the
-    chance level 1/N, filled/hollow markers for layers that do/do not differ significantly from the
-    base model, and the published curves as wide pale bands under ours.
+    chance level 1/N, every point marked (:data:`MARKS`: filled/hollow for layers that do/do not differ
+    significantly from the base model), and the published curves as wide pale bands under ours. Where
+    no layer is compared with the base model, the title says why. Each drawn line is labelled
+    ``"<model> <probe>"``, its markers ``"<model> <probe> <mark>"`` and a published band
+    ``"<model> <probe> published"`` (the legend is built separately).
     """
     base_model = base_model or base_model_for(pooling)
     series = probe_curve_series(rows, dataset, pooling, base_model, published_overlay)
@@ -129,30 +178,39 @@ def plot_probe_curves(
     heads = [head for head in HEADS if any(s.probe == head for s in series)]
     colours = _model_colours(models)
     tested = any(s.significant for s in series)
+    reasons = panel_reasons(rows, dataset, pooling, base_model)
+    shared_reason = not tested and len(set(reasons.values())) == 1
 
     ncols = min(2, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     figure = Figure(figsize=(max(6.2 * ncols, 10.5) + 0.6, 3.9 * nrows + 2.2), layout="constrained")
     axes = figure.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
+    marks_used: set[str] = set()
     for ax, num_passages in zip(axes, panels):
         ax.axhline(1 / num_passages, color="0.3", linewidth=1, linestyle=":", zorder=0)
         for s in series:
             if s.num_passages == num_passages:
-                _draw_series(ax, s, colours[s.model])
-        ax.set_title(f"N = {num_passages} passages (chance {1 / num_passages:.2f})")
+                marks_used |= _draw_series(ax, s, colours[s.model], base_model)
+        title = f"N = {num_passages} passages (chance {1 / num_passages:.2f})"
+        if reasons.get(num_passages) and not shared_reason:
+            title += f"\nnot compared: {reasons[num_passages]}"
+        ax.set_title(title)
         ax.set_xlabel("layer (0 = embedding output)")
         ax.set_ylabel("test accuracy")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        layers = {int(layer) for s in series if s.num_passages == num_passages for layer in s.layers}
+        if len(layers) == 1:
+            ax.set_xlim(min(layers) - 1, min(layers) + 1)
         ax.grid(alpha=0.3)
 
     if tested:
         note = f"markers: McNemar exact test vs {base_model}, Bonferroni over layers, alpha 0.05"
-    elif base_model and base_model in models:
-        note = f"no significance marks: no prediction files to compare with base model {base_model}"
+    elif shared_reason:
+        note = f"no significance marks: {next(iter(reasons.values()))}"
     else:
-        note = f"no significance marks: base model {base_model or '(none)'} not in these results"
+        note = "no significance marks: each panel says why"
     figure.suptitle(f"Linear probes on {dataset}, {pooling} pooling: test accuracy per layer\n{note}")
 
     model_entries = [
@@ -163,26 +221,57 @@ def plot_probe_curves(
         for h in heads
     ]
     mark_entries = [(Line2D([], [], color="0.3", linewidth=1, linestyle=":"), "chance (1/N)")]
-    if tested:
-        mark_entries += [
-            (Line2D([], [], linestyle="none", marker="o", color="0.2"), "differs from base (p < 0.05 / layers)"),
-            (Line2D([], [], linestyle="none", marker="o", color="0.2", markerfacecolor="white"),
-             "no significant difference"),
-        ]
+    mark_entries += [
+        (Line2D([], [], linestyle="none", color="0.2", **style), text)
+        for mark, (style, text) in MARKS.items()
+        if mark in marks_used
+    ]
     if any(s.published for s in series):
         mark_entries.append((Line2D([], [], color="0.5", linewidth=6, alpha=0.35), "published (the study, concat)"))
-    legend_below(figure, [("model (colour)", model_entries), ("probe head (line)", head_entries),
-                          ("marks", mark_entries)])
-    return save_png(figure, out_path)
+    legend_below(
+        figure, [("model (colour)", model_entries), ("probe head (line)", head_entries), ("marks", mark_entries)]
+    )
+    return figure
 
 
-def _draw_series(ax: Axes, s: CurveSeries, colour: tuple) -> None:
-    """A published curve as a wide pale band; ours as a line with filled (significant) or hollow markers."""
+def plot_probe_curves(
+    rows: Sequence[ProbeResult],
+    out_path: Path,
+    dataset: str,
+    pooling: str,
+    base_model: str | None = None,
+    published_overlay: bool = True,
+    figure_format: str | None = None,
+) -> Path:
+    """:func:`draw_probe_curves` saved to ``out_path`` as PNG, PDF or SVG (default: its suffix)."""
+    return save_figure(
+        draw_probe_curves(rows, dataset, pooling, base_model, published_overlay), out_path, figure_format
+    )
+
+
+def _draw_series(ax: Axes, s: CurveSeries, colour: tuple, base_model: str | None) -> set[str]:
+    """A published curve as a wide pale band; ours as a line with every point marked. Returns the marks used."""
+    name = f"{s.model} {s.probe}"
     if s.published:
-        ax.plot(s.layers, s.acc, color=colour, linewidth=6, alpha=0.25, solid_capstyle="round", zorder=1)
-        return
-    ax.plot(s.layers, s.acc, color=colour, linestyle=HEAD_STYLES[s.probe].linestyle, linewidth=1.5, zorder=2)
-    for flag in (True, False):
-        marked = np.isin(s.layers, [layer for layer, significant in s.significant.items() if significant == flag])
-        ax.plot(s.layers[marked], s.acc[marked], linestyle="none", marker="o", markersize=4.5,
-                markeredgecolor=colour, markerfacecolor=colour if flag else "white", zorder=3)
+        ax.plot(
+            s.layers,
+            s.acc,
+            color=colour,
+            linewidth=6,
+            alpha=0.25,
+            solid_capstyle="round",
+            zorder=1,
+            marker="o" if len(s.layers) == 1 else None,
+            label=f"{name} published",
+        )
+        return set()
+    ax.plot(
+        s.layers, s.acc, color=colour, linestyle=HEAD_STYLES[s.probe].linestyle, linewidth=1.5, zorder=2, label=name
+    )
+    used = set()
+    for mark, where in point_marks(s, base_model).items():
+        if where.any():
+            style = {"markeredgecolor": colour, "markerfacecolor": colour, "color": colour, **MARKS[mark][0]}
+            ax.plot(s.layers[where], s.acc[where], linestyle="none", zorder=3, label=f"{name} {mark}", **style)
+            used.add(mark)
+    return used

@@ -99,8 +99,14 @@ def compare_with_published(results_rows: Iterable[ProbeResult]) -> list[Publishe
         if point is not None:
             differences.append(
                 PublishedDifference(
-                    row.dataset, row.pooling, row.model, row.num_passages, row.layer,
-                    row.test_acc, point.acc, row.test_acc - point.acc,
+                    row.dataset,
+                    row.pooling,
+                    row.model,
+                    row.num_passages,
+                    row.layer,
+                    row.test_acc,
+                    point.acc,
+                    row.test_acc - point.acc,
                 )
             )
     return differences

@@ -103,6 +103,43 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
     return rows
 
 
+def has_outcomes(row: ProbeResult) -> bool:
+    """Whether the row's per-example outcome file is named and exists."""
+    return row.predictions is not None and row.predictions.is_file()
+
+
+def missing_comparison(results: Sequence[ProbeResult], base_model: str | None) -> str | None:
+    """Why :func:`significance_vs_base` finds nothing to compare in ``results`` (one line), or None
+    when it compares at least one layer.
+
+    The reasons, in the order they are checked: no base model, the base model not among the rows, no
+    other model, no probe head or no layer that the base and another model share (same dataset,
+    pooling, N and head), no outcome files for the base model or for the others at the shared layers.
+    """
+    if not base_model:
+        return "no base model to compare with"
+    base = [row for row in results if row.model == base_model]
+    others = [row for row in results if row.model != base_model]
+    if not base:
+        return f"no base model {base_model} in the inputs"
+    if not others:
+        return f"no model but the base model {base_model} to compare"
+
+    def cells(rows: Iterable[ProbeResult], outcomes_only: bool = False) -> set[tuple]:
+        return {(*row.curve_key[:4], row.layer) for row in rows if has_outcomes(row) or not outcomes_only}
+
+    if not {cell[:4] for cell in cells(base)} & {cell[:4] for cell in cells(others)}:
+        return f"base model {base_model} has no probe head in common with the others"
+    shared = cells(base) & cells(others)
+    if not shared:
+        return f"base model {base_model} has no layers in common with the others"
+    if not shared & cells(base, outcomes_only=True):
+        return f"no outcome files for base model {base_model}"
+    if not shared & cells(base, outcomes_only=True) & cells(others, outcomes_only=True):
+        return f"no outcome files for the models besides base model {base_model} at the layers they share"
+    return None
+
+
 @lru_cache(maxsize=256)
 def load_correct(path: Path) -> np.ndarray:
     """The per-example outcomes (bool [num_test], True where the probe picked the positive), read once."""
@@ -144,12 +181,13 @@ def significance_vs_base(results: Sequence[ProbeResult], base_model: str, alpha:
     """Every model's McNemar p-value against ``base_model`` at each layer, with Bonferroni flags.
 
     Curves are compared within one (dataset, pooling, N, probe head); a layer counts where both the
-    model and the base have prediction files. The Bonferroni family of a curve is its compared layers.
+    model and the base have outcome files (:func:`has_outcomes`); :func:`missing_comparison` says why
+    there is none. The Bonferroni family of a curve is its compared layers.
     Groups without the base model give nothing.
     """
     curves: dict[tuple, dict[int, ProbeResult]] = defaultdict(dict)
     for row in results:
-        if row.predictions is not None:
+        if has_outcomes(row):
             curves[row.curve_key][row.layer] = row
     significance: list[Significance] = []
     for (dataset, pooling, num_passages, probe, model), by_layer in sorted(curves.items()):
@@ -166,4 +204,3 @@ def significance_vs_base(results: Sequence[ProbeResult], base_model: str, alpha:
                 Significance(dataset, pooling, num_passages, probe, model, base_model, layer, p_value, flag)
             )
     return significance
-
