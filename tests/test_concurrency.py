@@ -3,6 +3,8 @@
 import multiprocessing
 from pathlib import Path
 
+import pytest
+
 from dkacq.formats.results import ProbeCell, read_rows, upsert_result
 
 
@@ -12,6 +14,7 @@ def _write_rows(path: str, worker: int, count: int) -> None:
         upsert_result(Path(path), cell, {"test_acc": f"{worker}.{layer}"})
 
 
+@pytest.mark.slow
 def test_concurrent_upserts_lose_no_row(tmp_path):
     path = tmp_path / "results.csv"
     context = multiprocessing.get_context("spawn")
@@ -48,6 +51,7 @@ def _prepare(options: dict, queue) -> None:
     queue.put((len(builds), data.open().manifest["files"]["layer_01.safetensors"]["sha256"]))
 
 
+@pytest.mark.slow
 def test_two_processes_building_one_cache_build_it_once(tmp_path, probe_files, tiny_bert_dir):
     train, test = probe_files
     options = dict(

@@ -186,6 +186,7 @@ def _store_at_once(folder: str, train: str, test: str, barrier, builds: str, res
     Path(result).write_text(fingerprint)
 
 
+@pytest.mark.slow
 def test_two_processes_storing_at_once_build_one_complete_probe_set(tmp_path, local_files):
     rows, paths = local_files
     folder = tmp_path / "cache" / "probe_set"

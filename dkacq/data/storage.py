@@ -8,15 +8,13 @@ folder whose manifest matches the request always holds the whole probe set.
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from datasets import DatasetDict, load_from_disk
 
 from dkacq.data.examples import DEMO_FILES, EXAMPLE_COLUMNS, ProbeDataError, ProbeFormat, file_digest, read_probe_set
-from dkacq.formats.atomic import atomic_write_text, default_mode, file_lock
+from dkacq.formats.atomic import atomic_write_text, file_lock, replace_folder, staging_folder
 
 STORE_FORMAT = 2  # raised when the manifest records more, so older stores are rebuilt
 _log = logging.getLogger("dkacq")
@@ -115,13 +113,11 @@ def _build(
     prefix = f".{folder.name}."
     for stale in folder.parent.glob(f"{prefix}*.partial"):  # left by a build that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=prefix, suffix=".partial"))
+    staging = staging_folder(folder)
     try:
-        os.chmod(staging, default_mode(directory=True))
         read.probe_set.save_to_disk(str(staging))
         atomic_write_text(staging / "manifest.json", json.dumps(manifest, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(staging, folder)
+        replace_folder(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ over the target. :func:`file_lock` serialises read-modify-write updates and buil
 """
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -56,3 +57,25 @@ def file_lock(path: str | os.PathLike) -> FileLock:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return FileLock(str(path.with_name(path.name + ".lock")))
+
+
+def staging_folder(folder: str | os.PathLike) -> Path:
+    """A new empty folder beside ``folder``, unique to its caller, to build a folder's content in; given
+    the user's umask (``mkdtemp`` makes it 0700). :func:`replace_folder` then puts it in place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    os.chmod(staging, default_mode(directory=True))
+    return staging
+
+
+def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Path:
+    """Put a complete staging folder where ``folder`` is: an existing one is renamed aside first and
+    removed after, so a reader finds the old folder or the new one, never a mix of the two."""
+    staging, folder = Path(staging), Path(folder)
+    aside = staging.with_name(staging.name.removesuffix(".partial") + ".old")
+    if folder.exists():
+        os.replace(folder, aside)
+    os.replace(staging, folder)
+    shutil.rmtree(aside, ignore_errors=True)
+    return folder
