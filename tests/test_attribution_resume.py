@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from dkacq.attribution.module import AttributionConflictError
 from dkacq.cli import main
+from dkacq.formats.counts import AttributionRun, read_segments
 
 
 def _args(model_dir, probe_files, tmp_path, out: str, steps: int = 3) -> list[str]:
@@ -84,6 +85,8 @@ def test_killed_run_resumes_to_the_uninterrupted_counts(tiny_bert_dir, probe_fil
     (segment,) = progress.glob("*.safetensors")
     counted = int(load_file(segment)["num_texts"])
     assert 0 < counted < 12, "killed mid-run"
+    (saved,) = read_segments(tmp_path / "killed")
+    assert len(saved.texts) == counted and all(len(table) == counted for table in saved.per_text.values())
     assert not (tmp_path / "killed" / "counts.safetensors").exists()
 
     attributed = _counting_texts(monkeypatch)
@@ -94,9 +97,12 @@ def test_killed_run_resumes_to_the_uninterrupted_counts(tiny_bert_dir, probe_fil
         load_file(tmp_path / "killed" / "counts.safetensors"),
     )
     assert whole.keys() == resumed.keys()
+    assert {"per_text/intermediate@0.1", "per_text/output@0.2"} <= whole.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
     assert int(resumed["num_texts"]) == 12
+    keys = AttributionRun.load(tmp_path / "whole").text_keys
+    assert len(keys) == 12 and AttributionRun.load(tmp_path / "killed").text_keys == keys
     speed = json.loads((tmp_path / "killed" / "summary.json").read_text())["speed"]
     assert speed["texts"] == 12 - counted and speed["wall_seconds"] > 0 and speed["devices"] == 1
     assert speed["texts_per_second"] == pytest.approx(speed["texts"] / speed["wall_seconds"], rel=1e-3, abs=1e-3)
@@ -139,4 +145,5 @@ def test_a_run_stopped_after_its_last_text_only_writes_the_counts(tiny_bert_dir,
         load_file(tmp_path / "whole" / "counts.safetensors"),
         load_file(tmp_path / "out" / "counts.safetensors"),
     )
-    assert all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[key], resumed[key]) for key in whole)
+    assert AttributionRun.load(tmp_path / "out").text_keys == AttributionRun.load(tmp_path / "whole").text_keys

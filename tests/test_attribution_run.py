@@ -12,6 +12,7 @@ from dkacq.attribution.module import AttributionModule
 from dkacq.cli import main
 from dkacq.data.examples import ProbeDataError
 from dkacq.datamodules.texts import TextDataModule
+from dkacq.formats.counts import AttributionRun, text_key
 
 
 def test_repllama_resolves_offline(capsys):
@@ -102,6 +103,24 @@ def test_attribute_writes_counts_and_provenance(tmp_path, probe_files, tiny_bert
     assert summary["kinds"]["intermediate"] == {"side": "intermediate", "num_layers": 2, "num_neurons": 64}
     assert {"torch", "transformers", "dkacq"} <= set(summary["versions"])
     assert (tmp_path / "out" / "heatmap@0.1.png").exists()
+    # per text and module, how many neurons were active, rows in the order of the text set
+    data = TextDataModule(
+        dataset="toy",
+        source="local",
+        train_file=train,
+        test_file=test,
+        cache_dir=str(tmp_path / "cache"),
+        max_examples=5,
+        text_side="passage",
+    )
+    data.setup()
+    run = AttributionRun.load(tmp_path / "out")
+    assert run.text_keys == tuple(text_key(text) for text in data.texts)
+    for key in ("intermediate@0.1", "intermediate@0.2", "output@0.1", "output@0.2"):
+        table = counts[f"per_text/{key}"]
+        assert table.shape == (5, 2) and table.dtype == torch.int32
+        assert torch.equal(table.sum(dim=0).long(), counts[key].sum(dim=1)), key
+    assert summary["published_readings"] == {} and summary["max_length"] == 256
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["model"]["steps"] == 3
     assert not (tmp_path / "config.yaml").exists()
 
@@ -124,6 +143,8 @@ def test_two_processes_count_what_one_does(tmp_path, probe_files, tiny_llama_pre
     one = _counts_of(tmp_path, "one", tiny_llama_preset, probe_files, devices=1)
     two = _counts_of(tmp_path, "two", tiny_llama_preset, probe_files, devices=2)
     assert int(one["num_texts"]) == int(two["num_texts"]) == 9
+    assert any(key.startswith("per_text/") for key in one)
+    assert AttributionRun.load(tmp_path / "one").text_keys == AttributionRun.load(tmp_path / "two").text_keys
     assert one.keys() == two.keys()
     for key in one:
         assert torch.equal(one[key], two[key]), key

@@ -11,7 +11,7 @@ from datasets import Dataset, DatasetDict
 from safetensors.torch import load_file
 
 from dkacq.data.examples import EXAMPLE_COLUMNS
-from dkacq.encoders import extraction
+from dkacq.encoders import cache, extraction
 from dkacq.encoders.cache import (
     CacheDamagedError,
     CacheError,
@@ -181,40 +181,48 @@ def test_rebuild_replaces_an_existing_folder(cache_folder, tiny_bert_preset):
 
 
 def _fail_in_passages(monkeypatch):
-    calls = []
-    predict = extraction._predict
+    """An error in the first batch of passages, after the queries were written."""
+    write = extraction.LayerRowWriter.on_predict_batch_end
 
-    def failing(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        predict(*args)
+    def failing(writer, trainer, pl_module, outputs, batch, *args):
+        if batch["side"] == 1:
+            raise RuntimeError("simulated failure")
+        write(writer, trainer, pl_module, outputs, batch, *args)
 
-    monkeypatch.setattr(extraction, "_predict", failing)
-    return KeyboardInterrupt
+    monkeypatch.setattr(extraction.LayerRowWriter, "on_predict_batch_end", failing)
+    return RuntimeError
 
 
 def _bad_write(monkeypatch):
-    """A layer file that reaches the disk otherwise than it was sent: caught by the read-back."""
-    close = LayerFileWriter.close
+    """Rows of one batch reach the disk otherwise than they were sent: caught by the read-back."""
+    pwrite = cache._pwrite_all
+    calls = []
 
-    def close_then_damage(writer):
-        record = close(writer)
-        with open(writer.path, "r+b") as file:
-            file.seek(-4, os.SEEK_END)
-            file.write(bytes(4))
-        return record
+    def damaging(fd, data, offset):
+        calls.append(1)
+        if len(calls) == 5:
+            data = bytes(memoryview(data).cast("B"))[:-4] + bytes(4)
+        pwrite(fd, data, offset)
 
-    monkeypatch.setattr(LayerFileWriter, "close", close_then_damage)
+    monkeypatch.setattr(cache, "_pwrite_all", damaging)
     return CacheDamagedError
 
 
 @pytest.mark.parametrize("failure", [_fail_in_passages, _bad_write])
-def test_failing_build_leaves_no_target_and_no_staging(tmp_path, tiny_bert_preset, monkeypatch, failure):
+def test_failing_build_leaves_no_target_and_resumes(tmp_path, tiny_bert_preset, monkeypatch, failure, built):
+    """A build that fails leaves no cache, only its staging folder; the next build finishes it, and the
+    cache is the same as a build that never failed."""
     expected = failure(monkeypatch)
     with pytest.raises(expected):
         _build(tmp_path / "caches" / "cache", tiny_bert_preset)
-    assert list((tmp_path / "caches").iterdir()) == []
+    left = list((tmp_path / "caches").iterdir())
+    assert len(left) == 1 and left[0].name.startswith(".cache.") and left[0].name.endswith(".partial")
+    monkeypatch.undo()
+    folder = _build(tmp_path / "caches" / "cache", tiny_bert_preset).folder
+    assert [p.name for p in (tmp_path / "caches").iterdir()] == ["cache"]
+    for path in built.iterdir():
+        if path.name != "manifest.json":
+            assert (folder / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 def test_concurrent_builds_get_their_own_staging_folders(tmp_path):

@@ -109,11 +109,16 @@ def _count_half(rank: int, port: int, result_file: str) -> None:
     try:
         targets = make_targets()
         everything = random_scores(targets, 10, seed=3)
-        metric = ActiveNeuronCounts(targets, THRESHOLDS)
-        metric.update({name: value[rank::2] for name, value in everything.items()})
+        metric = ActiveNeuronCounts(targets, THRESHOLDS, text_capacity=10)
+        positions = list(range(rank, 10, 2))
+        metric.update({name: value[positions] for name, value in everything.items()}, positions)
         result = metric.compute()
         if rank == 0:
-            torch.save(counts_to_tensors(result), result_file)
+            tensors = counts_to_tensors(result)
+            tensors.update(
+                {f"per_text/{kind}@{threshold}": table for (kind, threshold), table in result.per_text.items()}
+            )
+            torch.save({**tensors, "counted": result.counted}, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -128,9 +133,12 @@ def test_two_processes_count_what_one_counts(tmp_path):
     result_file = str(tmp_path / "counts.pt")
     mp.spawn(_count_half, args=(free_port(), result_file), nprocs=2, join=True)
     targets = make_targets()
-    metric = ActiveNeuronCounts(targets, THRESHOLDS)
+    metric = ActiveNeuronCounts(targets, THRESHOLDS, text_capacity=10)
     metric.update(random_scores(targets, 10, seed=3))
-    expected = counts_to_tensors(metric.compute())
+    result = metric.compute()
+    expected = counts_to_tensors(result)
+    expected.update({f"per_text/{kind}@{threshold}": table for (kind, threshold), table in result.per_text.items()})
+    expected["counted"] = torch.ones(10, dtype=torch.int32)
     gathered = torch.load(result_file)
     assert set(gathered) == set(expected)
     for key, value in expected.items():
@@ -197,3 +205,136 @@ def test_counts_file_layout_through_the_owner(tmp_path):
         run.counts_at("intermediate", 0.2)
     counts, num_texts = split_counts_tensors(stored)
     assert num_texts == 6 and counts.keys() == {("intermediate", 0.1), ("gate_proj", 0.01), ("gate_proj", 2.5e-05)}
+
+
+def naive_per_text(targets: list[Target], scores: dict[str, torch.Tensor], thresholds) -> dict:
+    """Text by text, module by module: how many of the module's neurons exceed the threshold."""
+    num_texts = next(iter(scores.values())).shape[0]
+    tables = {}
+    for target in targets:
+        for threshold in thresholds:
+            tables.setdefault((target.kind, threshold), torch.zeros(num_texts, 3, dtype=torch.int32))
+    for text in range(num_texts):
+        largest = max(float(value[text].max()) for value in scores.values())
+        for target in targets:
+            for threshold in thresholds:
+                active = sum(score / largest > threshold for score in scores[target.name][text].tolist())
+                tables[target.kind, threshold][text, target.layer] = active
+    return tables
+
+
+def test_per_text_counts_equal_a_naive_loop_in_text_order():
+    """Batches arrive out of text order (as after a resume or on several processes): rows follow positions."""
+    targets = make_targets()
+    everything = random_scores(targets, 9, seed=5)
+    metric = ActiveNeuronCounts(targets, THRESHOLDS, text_capacity=9)
+    for positions in ([4, 0, 7], [8], [1, 2, 3, 5, 6]):
+        metric.update({name: value[positions] for name, value in everything.items()}, positions)
+    result = metric.compute()
+    expected = naive_per_text(targets, everything, THRESHOLDS)
+    assert result.counted.tolist() == [1] * 9 and result.num_texts == 9
+    assert set(result.per_text) == set(expected)
+    for key, table in expected.items():
+        assert result.per_text[key].dtype == torch.int32
+        assert torch.equal(result.per_text[key], table), key
+        # the per-text table's column sums are the per-neuron counts' row sums
+        assert torch.equal(table.sum(dim=0).long(), result.counts[key].sum(dim=1)), key
+    assert any(table.sum() > 0 for table in expected.values())
+
+
+def test_per_text_positions_default_to_counting_order_and_are_checked():
+    targets = make_targets()
+    scores = random_scores(targets, 4, seed=1)
+    metric = ActiveNeuronCounts(targets, THRESHOLDS, text_capacity=6)
+    metric.update({name: value[:3] for name, value in scores.items()})
+    metric.update({name: value[3:] for name, value in scores.items()})
+    result = metric.compute()
+    assert result.counted.tolist() == [1, 1, 1, 1, 0, 0]
+    for key, table in naive_per_text(targets, scores, THRESHOLDS).items():
+        assert torch.equal(result.per_text[key][:4], table) and not result.per_text[key][4:].any()
+    with pytest.raises(ValueError, match=r"position in \[0, 6\)"):
+        metric.update({name: value[:1] for name, value in scores.items()}, [6])
+    assert ActiveNeuronCounts(targets, THRESHOLDS).compute().per_text is None
+
+
+def test_counts_file_with_per_text_tables_and_without(tmp_path):
+    """New keys beside the old ones; the old keys read as before; a file without per-text tables reads too."""
+    from dkacq.formats.counts import PerTextCounts, split_per_text_tensors
+
+    targets = make_targets()
+    scores = random_scores(targets, 4, seed=2)
+    metric = ActiveNeuronCounts(targets, THRESHOLDS, text_capacity=4)
+    metric.update(scores)
+    result = metric.compute()
+    keys = ["k0", "k1", "k2", "k3"]
+    summary = {
+        "model": "m",
+        "pooling": "mean",
+        "dataset": "d",
+        "split": "test",
+        "text_side": "query",
+        "thresholds": list(THRESHOLDS),
+        "kinds": {
+            "intermediate": {"side": "intermediate", "num_layers": 3, "num_neurons": 6},
+            "output": {"side": "output", "num_layers": 3, "num_neurons": 4},
+        },
+    }
+    new, old = tmp_path / "new", tmp_path / "old"
+    for folder in (new, old):
+        write_summary(folder, summary)
+    write_counts(new, result.counts, 4, PerTextCounts(keys, result.per_text))
+    write_counts(old, result.counts, 4)
+    stored = load_file(new / "counts.safetensors")
+    assert set(stored) == {
+        "intermediate@0.1",
+        "intermediate@0.2",
+        "output@0.1",
+        "output@0.2",
+        "num_texts",
+        "per_text/intermediate@0.1",
+        "per_text/intermediate@0.2",
+        "per_text/output@0.1",
+        "per_text/output@0.2",
+    }
+    counts, num_texts = split_counts_tensors(stored)
+    assert num_texts == 4 and set(counts) == set(result.counts)
+    assert set(split_per_text_tensors(stored)) == set(result.per_text)
+    run, plain = AttributionRun.load(new), AttributionRun.load(old)
+    assert run.has_per_text and run.text_keys == tuple(keys)
+    assert (run.per_text_at("output", 0.2) == result.per_text["output", 0.2].numpy()).all()
+    assert (run.per_text_by_key("output", 0.2, ["k2", "k0"]) == result.per_text["output", 0.2].numpy()[[2, 0]]).all()
+    assert (plain.counts_at("output", 0.2) == run.counts_at("output", 0.2)).all()
+    assert not plain.has_per_text and plain.text_keys is None
+    with pytest.raises(KeyError, match="no per-text counts"):
+        plain.per_text_at("output", 0.2)
+    with pytest.raises(ValueError, match="3 texts, the counts 4"):
+        write_counts(new, result.counts, 4, PerTextCounts(keys[:3], {}))
+
+
+def test_segments_carry_per_text_rows(tmp_path):
+    from dkacq.formats.counts import PerTextCounts, Segment, join_per_text, read_segments, write_segment
+
+    table = torch.arange(6, dtype=torch.int32).view(3, 2)
+    write_segment(
+        tmp_path,
+        "a",
+        Segment(
+            {("output", 0.1): torch.ones(2, 3, dtype=torch.int64)},
+            3,
+            ["x", "y", "z"],
+            {"i": 1},
+            {("output", 0.1): table},
+        ),
+    )
+    write_segment(tmp_path, "b", Segment({("output", 0.1): torch.ones(2, 3, dtype=torch.int64)}, 1, ["w"], {"i": 1}))
+    first, second = read_segments(tmp_path)
+    assert first.texts == ["x", "y", "z"] and torch.equal(first.per_text[("output", 0.1)], table)
+    assert second.per_text is None and second.per_text_counts() is None
+    joined = join_per_text(
+        [first.per_text_counts(), PerTextCounts(["w"], {("output", 0.1): torch.tensor([[9, 9]], dtype=torch.int32)})]
+    )
+    ordered = joined.ordered(["w", "z", "x", "y"])
+    assert ordered.texts == ["w", "z", "x", "y"]
+    assert ordered.tables["output", 0.1].tolist() == [[9, 9], [4, 5], [0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="share a text"):
+        join_per_text([first.per_text_counts(), first.per_text_counts()])

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import binomtest
 
 import dkacq.report
+from dkacq.probe.baselines import BASELINES, METHODS
 from dkacq.probe.heads import HEADS
 from dkacq.report.attribution_figures import (
     bin_max_percentages,
@@ -27,7 +28,7 @@ from dkacq.report.attribution_figures import (
     plot_attribution_heatmaps,
 )
 from dkacq.report.plotting import save_figure
-from dkacq.report.probe_figures import HEAD_STYLES, draw_probe_curves, plot_probe_curves, probe_curve_series
+from dkacq.report.probe_figures import METHOD_STYLES, draw_probe_curves, plot_probe_curves, probe_curve_series
 from dkacq.report.published import compare_with_published, published_curve
 from dkacq.report.stats import read_results
 
@@ -552,5 +553,53 @@ def test_report_reads_runs_only_through_the_counts_owner():
             assert "@" not in text and "counts.safetensors" not in text and "summary.json" not in text, (path, text)
 
 
-def test_every_probe_head_has_a_line_style():
-    assert set(HEAD_STYLES) == set(HEADS) == set(PROBES)
+def test_every_method_has_a_line_style():
+    assert METHODS == (*HEADS, *BASELINES) and set(PROBES) < set(HEADS)
+    assert set(METHOD_STYLES) == set(METHODS)
+    styles = [METHOD_STYLES[method].linestyle for method in METHODS]
+    assert len(set(map(str, styles))) == len(styles), "two methods share a line style"
+    assert all(
+        "--" in str(METHOD_STYLES[b].linestyle) or "(7, 3)" in str(METHOD_STYLES[b].linestyle) for b in BASELINES
+    )
+
+
+def test_baselines_dashed_intervals_as_bands_and_the_shortcut_as_a_level(tmp_path):
+    """Similarity baselines are curves beside the heads (dashed), every curve has its Wilson band
+    (recomputed with scipy), and the shortcut, one level for the settings that share it, is no curve."""
+    rng = np.random.default_rng(5)
+    records, outcomes = [], {}
+    for model in MODELS:
+        for probe in ("concat", "similarity_cosine"):
+            for layer in LAYERS:
+                correct = (rng.random(40) < 0.3 + 0.2 * layer).astype(int).tolist()
+                outcomes[(model, probe, layer)] = correct
+                untrained = {"best_epoch": "", "val_acc": ""} if probe != "concat" else {}
+                records.append(
+                    {"model": model, "probe": probe, "layer": layer, "correct": correct, "num_test": 40, **untrained}
+                )
+        shortcut = {"probe": "shortcut_least_negative", "layer": -1, "best_epoch": "", "val_acc": ""}
+        records.append({"model": model, "correct": [1, 1, 0, 0, 0, 1, 0, 0, 1, 0], **shortcut})
+    rows = read_results([write_table(tmp_path, records)])
+    assert {(s.model, s.probe) for s in probe_curve_series(rows, "nq", "cls")} == {
+        (m, p) for m in MODELS for p in ("concat", "similarity_cosine")
+    }
+    figure = draw_probe_curves(rows, "nq", "cls", published_overlay=False)
+    (ax,) = probe_panels(figure).values()
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    bands = {band.get_label(): band for band in ax.collections}
+    for model in MODELS:
+        for probe in ("concat", "similarity_cosine"):
+            name = f"{model} {probe}"
+            assert lines[name].get_linestyle() == ("--" if probe == "similarity_cosine" else "-")
+            vertices = {tuple(np.round(v, 9)) for v in bands[f"{name} 95% CI"].get_paths()[0].vertices}
+            for layer in LAYERS:
+                correct = outcomes[(model, probe, layer)]
+                ci = binomtest(sum(correct), len(correct)).proportion_ci(method="wilson")
+                assert (layer, round(ci.low, 4)) in {(x, round(y, 4)) for x, y in vertices}
+                assert (layer, round(ci.high, 4)) in {(x, round(y, 4)) for x, y in vertices}
+    level = lines[f"{MODELS[0]}, {MODELS[1]} shortcut"]
+    assert list(level.get_ydata()) == [0.4, 0.4]
+    assert not any("shortcut_least_negative" in label for label in lines)
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert "cosine similarity (untrained)" in legend and "95% Wilson interval" in legend
+    assert "shortcut_least_negative (query-blind)" in legend

@@ -1,4 +1,5 @@
-"""McNemar's exact test against scipy's binomial test, Bonferroni against hand-computed flags."""
+"""McNemar's exact test against scipy's binomial test, Bonferroni against hand-computed flags, Wilson
+intervals against scipy's, and the results table as the report reads it."""
 
 import csv
 
@@ -8,14 +9,17 @@ import torch
 from safetensors.torch import save_file
 from scipy.stats import binomtest
 
-from dkacq.formats.results import read_correct, read_identity, write_predictions
+from dkacq.formats.results import RESULT_COLUMNS, accuracy_values, read_correct, read_identity, write_predictions
 from dkacq.report.stats import (
     ProbeResult,
     bonferroni,
     mcnemar_exact,
     missing_comparison,
+    per_layer,
     read_results,
+    shortcut_rows,
     significance_vs_base,
+    wilson_interval,
 )
 
 # (correct_a, correct_b, only_a, only_b)
@@ -163,3 +167,86 @@ def test_outcomes_are_written_as_csv_beside_the_safetensors_file(tmp_path):
             tmp_path / "bad.safetensors", {"prediction": torch.tensor([1]), "label": torch.tensor([1])}, {}
         )
     assert not (tmp_path / "bad.csv").exists() and not (tmp_path / "bad.safetensors").exists()
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 10), (3, 10), (10, 10), (1, 1), (160, 532), (2659, 6515), (50, 100)])
+def test_wilson_interval_equals_scipy(successes, trials):
+    expected = binomtest(successes, trials).proportion_ci(method="wilson")
+    low, high = wilson_interval(successes, trials)
+    assert (low, high) == pytest.approx((expected.low, expected.high), rel=1e-12, abs=1e-15)
+    assert 0 <= low <= successes / trials <= high <= 1
+
+
+def test_wilson_interval_by_hand():
+    # 8 of 10, z = 1.959964: centre (0.8 + z²/20) / (1 + z²/10), half z/(1 + z²/10) sqrt(0.016 + z²/400)
+    assert wilson_interval(8, 10) == pytest.approx((0.4901625, 0.9433178), abs=1e-6)
+    assert accuracy_values(np.array([1, 1, 0, 1, 1, 1, 1, 1, 0, 1])) == {
+        "test_acc": "0.80000",
+        "test_acc_low": "0.49016",
+        "test_acc_high": "0.94332",
+    }
+    for bad in ((1, 0), (-1, 5), (6, 5)):
+        with pytest.raises(ValueError):
+            wilson_interval(*bad)
+
+
+def _table(path, rows):
+    columns = sorted({key for row in rows for key in row}, key=lambda c: RESULT_COLUMNS.index(c))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+CELL = {"dataset": "nq", "model": "minilm", "pooling": "mean", "num_passages": 5, "layer": 6, "predictions": ""}
+
+
+def test_read_results_with_intervals_convergence_and_baselines(tmp_path):
+    trained = {
+        **CELL,
+        "probe": "bilinear",
+        "best_epoch": 29,
+        "val_acc": 0.5,
+        "test_acc": 0.6,
+        "test_acc_low": 0.55,
+        "test_acc_high": 0.65,
+        "num_test": 100,
+        "max_epochs": 30,
+        "epochs_run": 30,
+        "optimizer_steps": 210,
+        "best_is_last": 1,
+        "fit_seconds": 3.5,
+        "cell_id": "a",
+    }
+    baseline = {**CELL, "probe": "similarity_dot", "best_epoch": "", "val_acc": "", "test_acc": 0.3, "num_test": 100}
+    shortcut = {**baseline, "probe": "shortcut_least_negative", "layer": -1, "cell_id": "s"}
+    rows = read_results([_table(tmp_path / "results.csv", [trained, {**baseline, "cell_id": "b"}, shortcut])])
+    by_probe = {row.probe: row for row in rows}
+    head = by_probe["bilinear"]
+    assert (head.test_acc_low, head.test_acc_high, head.best_is_last) == (0.55, 0.65, True)
+    assert (head.optimizer_steps, head.epochs_run, head.fit_seconds, head.fitting) == (210, 30, 3.5, "30 epochs")
+    similarity = by_probe["similarity_dot"]
+    assert (similarity.best_epoch, similarity.val_acc, similarity.trained, similarity.fitting) == (
+        None,
+        None,
+        False,
+        "",
+    )
+    # an interval the table does not state is computed from test_acc and num_test
+    expected = binomtest(30, 100).proportion_ci(method="wilson")
+    assert (similarity.test_acc_low, similarity.test_acc_high) == pytest.approx((expected.low, expected.high))
+    assert [row.probe for row in per_layer(rows)] == ["bilinear", "similarity_dot"]
+    assert [row.layer for row in shortcut_rows(rows)] == [-1]
+
+    # the same cell fitted another way is another mode, not a duplicate; one cell in two tables is read once
+    stopped = {**trained, "early_stopping": "val/loss min, patience 10", "max_epochs": 300, "cell_id": "c"}
+    other = _table(tmp_path / "other.csv", [stopped, {**baseline, "cell_id": "b"}])
+    both = read_results([tmp_path / "results.csv", other])
+    assert sorted(row.fitting for row in both if row.trained) == [
+        "30 epochs",
+        "early stopping on val/loss min, patience 10, at most 300 epochs",
+    ]
+    assert [row.probe for row in both].count("similarity_dot") == 1
+    with pytest.raises(ValueError, match="more than one results row"):
+        read_results([_table(tmp_path / "twice.csv", [trained, {**trained, "cell_id": "d"}])])

@@ -5,7 +5,9 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file
+from scipy.stats import binomtest
 from test_figures import (
     FORMATS,
     LAYERS,
@@ -32,6 +34,8 @@ from dkacq.encoders.presets import (
     model_sort_key,
     split_control_label,
 )
+from dkacq.formats.results import RESULT_COLUMNS, accuracy_values, write_predictions
+from dkacq.probe.baselines import SHORTCUT
 from dkacq.report.summary import write_report
 
 BASE, TUNED = MODELS
@@ -112,6 +116,13 @@ def _acc(outcomes, model, n, probe, layer) -> float:
     return float(outcomes[(model, n, probe, layer)].mean())
 
 
+def _ci(outcomes, model, n, probe, layer) -> str:
+    """The Wilson 95% interval by scipy, as the report prints it."""
+    correct = outcomes[(model, n, probe, layer)]
+    ci = binomtest(int(correct.sum()), len(correct)).proportion_ci(method="wilson")
+    return f"[{ci.low:.4f}, {ci.high:.4f}]"
+
+
 def test_accuracy_table(built):
     _, _, tables, outcomes, _ = built
     rows = {(r["model"], int(r["N"]), r["probe"]): r for r in tables["Accuracy per probe"]}
@@ -120,8 +131,10 @@ def test_accuracy_table(built):
         accs = [_acc(outcomes, model, n, probe, layer) for layer in LAYERS]
         best = int(np.argmax(accs))
         assert (row["layers"], row["last layer"], row["last-layer acc"]) == ("3", "2", f"{accs[-1]:.4f}")
+        assert row["last-layer 95% CI"] == _ci(outcomes, model, n, probe, 2)
         assert row["train / test"] == f"{NUM_TRAIN[n]:,} / {NUM_TEST:,}"
         assert (row["best layer"], row["best acc"]) == (str(best), f"{accs[best]:.4f}")
+        assert row["best 95% CI"] == _ci(outcomes, model, n, probe, best)
         if model == BASE:
             assert row["layers ≠ base"] == "base"
             continue
@@ -131,15 +144,17 @@ def test_accuracy_table(built):
 
 def test_head_table(built):
     _, _, tables, outcomes, _ = built
-    rows = tables["Probe heads"]
+    rows = tables["Probe heads and baselines"]
     assert len(rows) == len(MODELS) * len(NUM_PASSAGES)
     for row in rows:
         model, n = row["model"], int(row["N"])
         assert row["chance"] == f"{1 / n:.4f}"
+        assert [key for key in row if key.endswith("(last)")] == [f"{probe} (last)" for probe in PROBES]
         for probe in PROBES:
             accs = [_acc(outcomes, model, n, probe, layer) for layer in LAYERS]
-            assert row[f"{probe} (last)"] == f"{accs[-1]:.4f}"
-            assert row[f"{probe} (best)"] == f"{max(accs):.4f}"
+            best = int(np.argmax(accs))
+            assert row[f"{probe} (last)"] == f"{accs[-1]:.4f} {_ci(outcomes, model, n, probe, 2)}"
+            assert row[f"{probe} (best)"] == f"{max(accs):.4f} {_ci(outcomes, model, n, probe, best)}"
 
 
 def test_published_differences(built):
@@ -301,3 +316,127 @@ def test_runs_compared_with_backbone_and_control(tmp_path):
     markdown = write_report([], runs, tmp_path / "out").read_text()
     compared = re.findall(r"^### (\S+) against (\S+)$", markdown, flags=re.MULTILINE)
     assert compared == [(TUNED, control_label(TUNED)), (TUNED, BASE)]
+
+
+FIXED, STOPPED = "30 epochs", "early stopping on val/loss min, patience 10, at most 300 epochs"
+
+
+def _write_mode_table(folder, mode: str, outcomes: dict) -> None:
+    """A results table of one fitting mode: minilm and its control at N = 5, layers 0 and 1, concat and
+    query_aware (fitted), similarity_cosine and the shortcut (untrained, the same cells in every mode)."""
+    folder.mkdir(parents=True)
+    rows = []
+    for (model, probe, layer), correct in outcomes.items():
+        trained = probe in ("concat", "query_aware")
+        name = f"predictions/{model}-{probe}-{layer}.safetensors"
+        labels = torch.zeros(len(correct), dtype=torch.int64)
+        flags = torch.tensor(correct, dtype=torch.uint8)
+        write_predictions(folder / name, {"correct": flags, "label": labels, "prediction": 1 - flags}, {})
+        rows.append(
+            {
+                "dataset": "demo",
+                "model": model,
+                "pooling": "mean",
+                "num_passages": 5,
+                "layer": layer,
+                "probe": probe,
+                "best_epoch": (29 if layer == 1 else 3) if trained else "",
+                "val_acc": 0.4 if trained else "",
+                **accuracy_values(np.array(correct)),
+                "num_train": 1671,
+                "num_test": len(correct),
+                "max_epochs": (30 if mode == FIXED else 300) if trained else "",
+                "epochs_run": (30 if mode == FIXED else 57) if trained else "",
+                "optimizer_steps": (210 if mode == FIXED else 399) if trained else "",
+                "best_is_last": int(layer == 1 and mode == FIXED) if trained else "",
+                "fit_seconds": 2.5 if trained else "",
+                "early_stopping": "val/loss min, patience 10" if trained and mode == STOPPED else "",
+                "cell_id": f"{mode}-{model}-{probe}-{layer}" if trained else f"{model}-{probe}-{layer}",
+                "predictions": name,
+            }
+        )
+    with (folder / "results.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_two_fitting_modes_are_reported_and_compared(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def outcomes(rate: float) -> list[int]:
+        return (rng.random(200) < rate).astype(int).tolist()
+
+    shared = {
+        **{(m, "similarity_cosine", layer): outcomes(0.25) for m in ("minilm", "minilm-random") for layer in (0, 1)},
+        **{(m, SHORTCUT, -1): [1] * 60 + [0] * 140 for m in ("minilm", "minilm-random")},
+    }
+    rates = {
+        FIXED: {"minilm": (0.25, 0.6), "minilm-random": (0.25, 0.27)},  # (concat, query_aware) at layer 1
+        STOPPED: {"minilm": (0.3, 0.32), "minilm-random": (0.26, 0.27)},
+    }
+    tables = {}
+    for number, mode in enumerate((FIXED, STOPPED)):
+        written = dict(shared)
+        for model, (concat, query_aware) in rates[mode].items():
+            for layer in (0, 1):
+                written[(model, "concat", layer)] = outcomes(concat)
+                written[(model, "query_aware", layer)] = outcomes(query_aware if layer == 1 else 0.25)
+        if mode == STOPPED:  # converged, minilm's query_aware probe is no better than its concat probe
+            written[("minilm", "query_aware", 1)] = list(written[("minilm", "concat", 1)])
+        _write_mode_table(tmp_path / f"mode{number}", mode, written)
+        tables[mode] = written
+    report = write_report(
+        [tmp_path / "mode0" / "results.csv", tmp_path / "mode1" / "results.csv"],
+        [],
+        tmp_path / "out",
+        base_models={"mean": "minilm-random"},
+        published_overlay=False,
+    )
+    markdown = report.read_text()
+    parsed = parse_tables(markdown)
+    for mode in (FIXED, STOPPED):
+        assert f"## Linear probes: {mode}" in markdown
+        rows = parsed[f"Accuracy per probe ({mode})"]
+        assert {(r["model"], r["probe"]) for r in rows} == {
+            (m, p) for m in ("minilm", "minilm-random") for p in ("concat", "query_aware", "similarity_cosine")
+        }
+        for row in rows:
+            correct = tables[mode][(row["model"], row["probe"], 1)]
+            assert row["last-layer acc"] == f"{np.mean(correct):.4f}"
+        figure = f"probe_demo_mean_{re.sub(r'[^A-Za-z0-9._-]+', '-', mode).strip('-')}.png"
+        assert f"]({figure})" in markdown and (tmp_path / "out" / figure).is_file()
+    # the cells whose best epoch was the last: layer 1 of every fitted probe of the fixed mode
+    last = parsed[f"Cells whose best epoch was the last ({FIXED})"]
+    assert sorted((r["model"], r["probe"], r["layer"]) for r in last) == sorted(
+        (m, p, "1") for m in ("minilm", "minilm-random") for p in ("concat", "query_aware")
+    )
+    assert "0 of 8 fitted probes were best at the last epoch" in markdown
+    # the shortcut, once per data set and N, for both settings that share it
+    (shortcut,) = parsed["Query-blind shortcut (shortcut_least_negative)"]
+    wilson = binomtest(60, 200).proportion_ci(method="wilson")
+    assert (shortcut["shortcut acc"], shortcut["95% CI"]) == ("0.3000", f"[{wilson.low:.4f}, {wilson.high:.4f}]")
+    assert shortcut["settings"] == "minilm (mean), minilm-random (mean)" and shortcut["chance"] == "0.2000"
+    # the modes compared: the verdicts recomputed with scipy's binomial test
+    (summary_rows,) = [parsed["Fitting modes compared"]]
+    assert [(r["mode"], r["fitted probes"], r["best = last"]) for r in summary_rows] == [
+        (FIXED, "8", "4/8"),
+        (STOPPED, "8", "0/8"),
+    ]
+    comparisons = {r["model"]: r for r in parsed["Head against concat at the last layer, per mode"]}
+    assert set(comparisons) == {"minilm", "minilm-random"}
+    for model, row in comparisons.items():
+        verdicts = []
+        for mode in (FIXED, STOPPED):
+            head, concat = (np.array(tables[mode][(model, probe, 1)], bool) for probe in ("query_aware", "concat"))
+            only_head, only_concat = int(np.sum(head & ~concat)), int(np.sum(~head & concat))
+            discordant = only_head + only_concat
+            p_value = binomtest(min(only_head, only_concat), discordant).pvalue if discordant else 1.0
+            assert row[f"p ({mode})"] == f"{p_value:.3g}"
+            assert row[f"acc ({mode})"] == f"{head.mean():.4f} vs {concat.mean():.4f}"
+            verdict = "no significant difference" if p_value >= 0.05 else "query_aware better"
+            assert row[f"verdict ({mode})"] == verdict
+            verdicts.append(verdict)
+        assert row["changes"] == ("no" if verdicts[0] == verdicts[1] else "**yes**")
+    assert comparisons["minilm"]["changes"] == "**yes**" and comparisons["minilm-random"]["changes"] == "no"
+    assert "The conclusions change in 1 of 2 comparisons: minilm N=5 query_aware vs concat at layer 1." in markdown

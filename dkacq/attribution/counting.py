@@ -3,8 +3,11 @@
 Per text, every score (all modules, all layers) is divided by the text's largest score; a neuron is
 active in a text when its normalised score exceeds a threshold. Over a set of texts, the study
 reports per neuron the percentage of texts in which it is active (``count / num_texts * 100``), shown
-as one heatmap per side (layers x neuron bins). The counts are stored as :mod:`dkacq.formats.counts`
-lays them out.
+as one heatmap per side (layers x neuron bins). Beside these totals the metric keeps, per text and
+module, how many of the module's neurons were active (a texts x layers table per kind and threshold):
+what intervals over texts and paired comparisons of two runs need
+(:mod:`dkacq.report.attribution_stats`). The counts are stored as :mod:`dkacq.formats.counts` lays
+them out.
 """
 
 from collections.abc import Mapping, Sequence
@@ -58,6 +61,12 @@ class ActiveCounts:
     counts: dict[tuple[str, float], Tensor]
     """``(kind, threshold)`` -> int64 ``[num_layers, num_neurons]``."""
     num_texts: int
+    per_text: dict[tuple[str, float], Tensor] | None = None
+    """``(kind, threshold)`` -> int32 ``[text_capacity, num_layers]``: row ``i``, the text at position ``i``
+    of the text set, holds how many neurons of each layer's module were active in it (zeros for a text
+    not counted); None when the metric keeps no per-text table."""
+    counted: Tensor | None = None
+    """int32 ``[text_capacity]``: how often the text at each position was counted (0 or 1)."""
 
     def percentages(self) -> dict[tuple[str, float], Tensor]:
         """``(kind, threshold)`` -> float64 percentage of texts in which each neuron was active."""
@@ -82,14 +91,28 @@ class ActiveNeuronCounts(Metric):
     per-text normalisation needs all of a text's targets at once. States, all summed across
     processes: ``active_{kind}_{i}`` (int64 ``[num_layers, num_neurons]`` for the ``i``-th threshold)
     and ``num_texts``.
+
+    With ``text_capacity`` (the size of the text set) it also keeps ``per_text_{kind}_{i}`` (int32
+    ``[text_capacity, num_layers]``), whose row ``p`` the text at position ``p`` of the text set fills,
+    and ``counted`` (int32 ``[text_capacity]``). Every process writes only its own texts' rows, so the sum
+    across processes is the whole table in text order, whatever texts each process got.
     """
 
     full_state_update = False
 
-    def __init__(self, targets: Sequence[Target], thresholds: Sequence[float] = (0.1, 0.2), **kwargs):
+    def __init__(
+        self,
+        targets: Sequence[Target],
+        thresholds: Sequence[float] = (0.1, 0.2),
+        text_capacity: int | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if not targets:
             raise ValueError("give at least one target to count")
+        if text_capacity is not None and text_capacity < 0:
+            raise ValueError(f"text_capacity must not be negative, got {text_capacity}")
+        self.text_capacity = text_capacity
         self.thresholds = check_thresholds(thresholds)
         self.slots = {target.name: (target.kind, target.layer) for target in targets}
         self.kinds = list(dict.fromkeys(target.kind for target in targets))
@@ -103,24 +126,53 @@ class ActiveNeuronCounts(Metric):
                 self.add_state(
                     self._state_name(kind, index), torch.zeros(shape, dtype=torch.int64), dist_reduce_fx="sum"
                 )
+                if text_capacity is not None:
+                    self.add_state(
+                        self._per_text_name(kind, index),
+                        torch.zeros(text_capacity, shape[0], dtype=torch.int32),
+                        dist_reduce_fx="sum",
+                    )
         self.add_state("num_texts", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
+        if text_capacity is not None:
+            self.add_state("counted", torch.zeros(text_capacity, dtype=torch.int32), dist_reduce_fx="sum")
 
     @staticmethod
     def _state_name(kind: str, threshold_index: int) -> str:
         return f"active_{kind}_{threshold_index}"
 
-    def update(self, scores: Mapping[str, Tensor]) -> None:
+    @staticmethod
+    def _per_text_name(kind: str, threshold_index: int) -> str:
+        return f"per_text_{kind}_{threshold_index}"
+
+    def update(self, scores: Mapping[str, Tensor], positions: Sequence[int] | Tensor | None = None) -> None:
+        """Count one batch; ``positions`` (with ``text_capacity``) are the texts' positions in the text set,
+        by default the next ones after the texts this process counted so far (one process only)."""
         if set(scores) != set(self.slots):
             missing, unknown = set(self.slots) - set(scores), set(scores) - set(self.slots)
             raise ValueError(
                 f"scores must cover exactly the metric's targets; missing {sorted(missing)}, unknown {sorted(unknown)}"
             )
+        batch = next(iter(scores.values())).shape[0]
+        rows = None
+        if self.text_capacity is not None:
+            if positions is None:
+                start = int(self.num_texts)
+                positions = range(start, start + batch)
+            rows = torch.as_tensor(list(positions) if not isinstance(positions, Tensor) else positions)
+            rows = rows.to(device=self.counted.device, dtype=torch.int64)
+            if rows.shape != (batch,) or (batch and (rows.min() < 0 or rows.max() >= self.text_capacity)):
+                raise ValueError(f"give one position in [0, {self.text_capacity}) per text of the batch")
+            self.counted.index_add_(0, rows, torch.ones(batch, dtype=torch.int32, device=rows.device))
         masks = active_masks(normalize_per_text(scores), self.thresholds)
         for index, threshold in enumerate(self.thresholds):
             for name, active in masks[threshold].items():
                 kind, layer = self.slots[name]
                 getattr(self, self._state_name(kind, index))[layer] += active.sum(dim=0)
-        self.num_texts += next(iter(scores.values())).shape[0]
+                if rows is not None:
+                    table = getattr(self, self._per_text_name(kind, index))
+                    values = active.sum(dim=1).to(table.device, torch.int32)
+                    table.index_put_((rows, torch.full_like(rows, layer)), values, accumulate=True)
+        self.num_texts += batch
 
     def local(self) -> ActiveCounts:
         """This process's counts so far, not summed across processes (what a progress segment saves)."""
@@ -130,9 +182,14 @@ class ActiveNeuronCounts(Metric):
         return self._counts()
 
     def _counts(self) -> ActiveCounts:
+        keys = [(kind, index, threshold) for kind in self.kinds for index, threshold in enumerate(self.thresholds)]
         counts = {
-            (kind, threshold): getattr(self, self._state_name(kind, index)).clone()
-            for kind in self.kinds
-            for index, threshold in enumerate(self.thresholds)
+            (kind, threshold): getattr(self, self._state_name(kind, index)).clone() for kind, index, threshold in keys
         }
-        return ActiveCounts(counts, int(self.num_texts))
+        if self.text_capacity is None:
+            return ActiveCounts(counts, int(self.num_texts))
+        per_text = {
+            (kind, threshold): getattr(self, self._per_text_name(kind, index)).clone()
+            for kind, index, threshold in keys
+        }
+        return ActiveCounts(counts, int(self.num_texts), per_text, self.counted.clone())

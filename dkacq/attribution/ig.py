@@ -26,7 +26,8 @@ parameter needs ``requires_grad``. The contraction sums over every position, pad
 the published batch-1 gradient does: with CLS (right padding), mean or EOS pooling a padded position
 has ``g = 0`` exactly (no real token attends to it and pooling ignores it), so padding contributes
 nothing and a text's scores do not depend on its batch. ``eos_reference`` pools at a padded position
-by design; there the padding's contribution is part of the published numbers and is kept.
+by design, and the published mean (``TextEncoder.unmasked_mean``) averages padded positions; there the
+padding's contribution is part of the published numbers and is kept.
 
 **Reuse below the module.** One plain forward pass of the texts records the arguments every layer
 receives (its input hidden state, attention mask, rotary tables). A target in layer ``l`` is then
@@ -49,6 +50,29 @@ attributed with fp32 sums.
 token and layer roughly ``10 hidden + 3 intermediate + heads x tokens`` values. Besides that, one
 ``texts x tokens x (out + in)`` accumulator and one ``texts x out x in`` attribution for the target
 in progress.
+
+**Compiled passes** (``compile=``, opt-in). Every layer call of a pass goes through one
+``torch.compile``d function of (layer, hidden state, recorded arguments); layers share its graphs
+(modules are graph inputs, not constants), and sizes are dynamic, so a handful of graphs (the target's
+layer for each target kind, the layers above) serve every layer, text length and replica count. A
+hook added to the target for one pass, as the eager path does, would be wrong here: dynamo by default
+does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a layer
+compiled without the hook would go on running without it, silently. Instead a hook is registered on
+every module of every target kind once, before anything is compiled, and stays for the whole call;
+it reads its state from attributes that a pass sets, ``alphas`` (``None``: pass the output through)
+and a zero ``probe`` ``[steps, texts, tokens, out]`` that requires grad, and returns
+``alpha_k Y + probe_k``. Dynamo traces the hook into the graph and guards on that state, so the
+scaling is part of the compiled function; ``dF/d probe`` is the gradient at the scaled output (an
+input of the graph, so the compiled backward delivers it; an intermediate of a compiled graph would
+get none). The compiled calls also guard on every hook dict (``skip_nnmodule_hook_guards=False``), so
+a hook anyone adds or removes recompiles rather than being ignored. Parameters that require grad are
+switched off for the call (a compiled backward computes every input's gradient, needed or not) and
+restored, and the hooks are removed when the call ends. Should dynamo give up on a layer (a graph
+break, the recompile limit), that part runs eagerly with the same hooks: slower, still right. The
+numbers equal the eager path's up to the compiler's rounding: with inductor, Llama's RMSNorm (float32
+inside, whatever the model's dtype) rounds a little differently once fused, about 1e-7 of a module's
+largest score in a float64 model and 2e-5 in a float32 one (float32's own error against float64 is
+larger).
 """
 
 from collections.abc import Iterator
@@ -58,7 +82,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from dkacq.attribution.targets import Target, architecture_family
+from dkacq.attribution.targets import ArchitectureFamily, Target, architecture_family
 from dkacq.encoders.text_encoder import TextEncoder
 
 PathRule = Literal["reference", "riemann_right"]
@@ -111,6 +135,7 @@ def neuron_scores(
     rule: PathRule = "reference",
     steps: int = 20,
     replicas_per_pass: int | None = None,
+    compile: bool | str = False,
 ) -> dict[str, Tensor]:
     """Target name -> neuron scores ``[num_texts, num_neurons]`` of a batch of texts, for all targets.
 
@@ -119,7 +144,9 @@ def neuron_scores(
     """
     return {
         target.name: attribution.neuron_scores()
-        for target, attribution in path_attributions(encoder, batch, targets, rule, steps, replicas_per_pass)
+        for target, attribution in path_attributions(
+            encoder, batch, targets, rule, steps, replicas_per_pass, compile=compile
+        )
     }
 
 
@@ -130,6 +157,7 @@ def path_attributions(
     rule: PathRule = "reference",
     steps: int = 20,
     replicas_per_pass: int | None = None,
+    compile: bool | str = False,
 ) -> Iterator[tuple[Target, PathAttribution]]:
     """Signed attributions of every target's weight and bias, one target at a time, in ``targets`` order.
 
@@ -139,6 +167,11 @@ def path_attributions(
     per pass (for GPUs), a smaller number splits a text's steps over several passes (less memory).
     Any split gives the same sums. The transformer must be in eval mode, outside
     ``torch.inference_mode``.
+
+    ``compile`` runs every layer of a pass through :func:`torch.compile` (``True``: the inductor
+    backend; a string: that backend, e.g. ``"aot_eager"``): the same numbers up to the compiler's
+    rounding, faster on GPUs once compiled (see "Compiled passes" in the module docstring). The first
+    passes of each layer shape and dtype pay the compilation.
     """
     alphas, weights = alphas_and_weights(rule, steps)
     if replicas_per_pass is not None and replicas_per_pass < 1:
@@ -155,7 +188,25 @@ def path_attributions(
     device = batch["input_ids"].device
     weights = weights.to(device, accumulate)
     num_texts = batch["input_ids"].shape[0]
+    replica_pass = _replica_pass
+    compiled = None
+    if compile:
+        compiled = _CompiledPasses(family, blocks, "inductor" if compile is True else compile)
+        replica_pass = compiled.replica_pass
+    try:
+        yield from _target_attributions(
+            encoder, blocks, final, groups, targets, alphas, weights, step_chunks, num_texts, replica_pass
+        )
+    finally:
+        if compiled is not None:
+            compiled.close()
 
+
+def _target_attributions(
+    encoder, blocks, final, groups, targets, alphas, weights, step_chunks, num_texts, replica_pass
+) -> Iterator[tuple[Target, PathAttribution]]:
+    """The attributions of :func:`path_attributions`, one target at a time, with ``replica_pass``'s gradients."""
+    accumulate, device = weights.dtype, weights.device
     for target in targets:
         module = target.module
         weight_gradient = torch.zeros(
@@ -165,7 +216,7 @@ def path_attributions(
         for group in groups:
             gradient_sum = 0
             for step_indices in step_chunks:
-                gradients, module_input = _replica_pass(encoder, blocks, final, group, target, alphas[step_indices])
+                gradients, module_input = replica_pass(encoder, blocks, final, group, target, alphas[step_indices])
                 gradient_sum = gradient_sum + torch.tensordot(weights[step_indices], gradients.to(accumulate), dims=1)
             weight_gradient[group.texts] = gradient_sum.transpose(1, 2) @ module_input.to(accumulate)
             bias_gradient[group.texts] = gradient_sum.sum(dim=1)
@@ -253,7 +304,9 @@ def _text_groups(
 
     A group holds only its own texts' tokens (plus the padding the encoder itself adds, which for
     ``eos_reference`` is part of the published input), so padding for longer texts of the batch costs
-    no compute, and a text's scores do not depend on the other texts of the batch.
+    no compute, and a text's scores do not depend on the other texts of the batch; except for the
+    published readings that depend on the batch's padding (``TextEncoder.pads_to_batch``), whose groups
+    the encoder pads to the batch's width, as the published code pads its batch.
     """
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
     token_ids = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
@@ -262,7 +315,8 @@ def _text_groups(
     for start in range(0, len(order), texts_per_pass):
         members = order[start : start + texts_per_pass]
         collated = {
-            key: value.to(input_ids.device) for key, value in encoder.collate([token_ids[i] for i in members]).items()
+            key: value.to(input_ids.device)
+            for key, value in encoder.collate([token_ids[i] for i in members], batch_width=input_ids.shape[1]).items()
         }
         groups.append(
             _TextGroup(
@@ -336,3 +390,129 @@ def _replica_pass(
     finally:
         handle.remove()
     return gradients, captured["input"]
+
+
+class _ReplicaHook:
+    """A forward hook that turns a module's output ``Y`` into ``alpha_k Y + probe_k`` while a pass arms it.
+
+    For compiled passes: registered once on every module that can be a target before anything is
+    compiled, so the hooks a compiled layer was traced with are the hooks it runs with. Unarmed
+    (``alphas is None``) it leaves the output alone. ``probe`` is a zero tensor
+    ``[len(alphas), *Y.shape]`` that requires grad: ``dF/d probe`` is ``g_k``, the gradient at the
+    scaled output, and, being an input of the compiled graph, it gets its gradient through the compiled
+    backward (an intermediate tensor of a compiled graph would not).
+    """
+
+    def __init__(self) -> None:
+        self.alphas: Tensor | None = None
+        self.probe: Tensor | None = None
+        self.input: Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        if self.alphas is None:
+            return None
+        self.input = args[0]
+        return output.unsqueeze(0) * self.alphas.view(-1, *([1] * output.dim())) + self.probe
+
+
+def _run_block(block: nn.Module, hidden: Tensor, args: tuple, kwargs: dict[str, Any]) -> Tensor:
+    """One layer on ``hidden`` with the other arguments it was recorded with: what compiled passes compile."""
+    return _hidden_output(block(hidden, *args, **kwargs))
+
+
+_COMPILED_BLOCKS: dict[str, Any] = {}
+"""``torch.compile(_run_block)`` by backend: one per process, so its compiled graphs are reused by every
+call (layers share them: modules are inputs of the graph, not constants)."""
+
+_DYNAMO_SETTINGS = {
+    "skip_nnmodule_hook_guards": False,
+    "force_nn_module_property_static_shapes": False,
+    "recompile_limit": 64,
+}
+"""Guard on every module's hooks (a hook added or removed anywhere in a layer recompiles it, rather than
+being ignored, which dynamo's default allows); let the tensors a hook reads (reached through the module,
+hence static by default) have dynamic sizes, so that one graph serves every text length and number of
+replicas; room for the graphs of several models, dtypes and armed kinds."""
+
+
+def _no_duck_shapes():
+    """Sizes that happen to be equal when a layer is traced (replicas and tokens, say) stay distinct
+    symbols, rather than becoming one symbol whose equality is guarded (a recompile when they part)."""
+    from torch.fx.experimental import _config as shape_config
+
+    return shape_config.patch(use_duck_shape=False)
+
+
+class _CompiledPasses:
+    """Replica passes whose layers run compiled, with the scaling inside the compiled graphs.
+
+    Registers a :class:`_ReplicaHook` on every module of every target kind of the family (whatever the
+    targets) in every layer; :meth:`close` removes them. A pass arms the target's hook, runs the target's
+    layer, disarms it and runs the layers above: each layer call is ``torch.compile(_run_block)``, with
+    dynamic shapes (texts, tokens and replicas vary between passes), under :data:`_DYNAMO_SETTINGS`.
+    Parameters that require grad are switched off meanwhile: a compiled backward computes the gradient
+    of every input that requires it, asked for or not.
+    """
+
+    def __init__(self, family: ArchitectureFamily, blocks: nn.ModuleList, backend: str):
+        if backend not in _COMPILED_BLOCKS:
+            _COMPILED_BLOCKS[backend] = torch.compile(_run_block, backend=backend, dynamic=True)
+        self.run_block = _COMPILED_BLOCKS[backend]
+        self.hooks: dict[nn.Module, _ReplicaHook] = {}
+        self.handles = []
+        for block in blocks:
+            for path, _ in family.kinds.values():
+                module = block.get_submodule(path)
+                self.hooks[module] = _ReplicaHook()
+                self.handles.append(module.register_forward_hook(self.hooks[module]))
+        self.frozen = [parameter for parameter in blocks.parameters() if parameter.requires_grad]
+        for parameter in self.frozen:
+            parameter.requires_grad_(False)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for parameter in self.frozen:
+            parameter.requires_grad_(True)
+
+    def replica_pass(
+        self,
+        encoder: TextEncoder,
+        blocks: nn.ModuleList,
+        final: nn.Module,
+        group: _TextGroup,
+        target: Target,
+        alphas: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """:func:`_replica_pass`, compiled."""
+        call = group.block_calls[target.layer]
+        hook = self.hooks[target.module]
+        dtype = target.module.weight.dtype
+        shape = (len(alphas), *call.hidden.shape[:-1], target.module.out_features)
+        hook.alphas = alphas.to(call.hidden.device, dtype)
+        hook.probe = probe = torch.zeros(shape, dtype=dtype, device=call.hidden.device, requires_grad=True)
+        try:
+            with torch.enable_grad(), torch._dynamo.config.patch(_DYNAMO_SETTINGS), _no_duck_shapes():
+                hidden = self.run_block(blocks[target.layer], call.hidden, call.args[1:], call.kwargs)
+                module_input = hook.input
+                hook.alphas = hook.probe = hook.input = None
+                if hidden.shape != (len(alphas), *call.hidden.shape):
+                    raise RuntimeError(
+                        f"layer {target.layer} did not broadcast the replicas of '{target.name}' to its output "
+                        f"(got shape {tuple(hidden.shape)}); chunked feed-forward is not supported"
+                    )
+                rows = torch.arange(call.hidden.shape[0], device=hidden.device).repeat(len(alphas))
+                # A copy, not a view: the layers above then all get a plain tensor, and share one graph.
+                hidden = hidden.flatten(0, 1).clone()
+                memo: dict[int, Any] = {}
+                for index in range(target.layer + 1, len(blocks)):
+                    upper = group.block_calls[index]
+                    args = tuple(_select_rows(value, rows, len(call.hidden), memo) for value in upper.args[1:])
+                    kwargs = {key: _select_rows(v, rows, len(call.hidden), memo) for key, v in upper.kwargs.items()}
+                    hidden = self.run_block(blocks[index], hidden, args, kwargs)
+                pooled = encoder.pool(final(hidden), group.attention_mask.index_select(0, rows))
+                norms = pooled.to(accumulation_dtype(pooled.dtype)).norm(dim=-1)
+                (gradients,) = torch.autograd.grad(norms.sum(), probe)
+        finally:
+            hook.alphas = hook.probe = hook.input = None
+        return gradients, module_input.detach()

@@ -7,20 +7,23 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
+from torch import nn
 
 from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds
 from dkacq.attribution.ig import PathRule, neuron_scores
 from dkacq.attribution.targets import Target, find_targets
 from dkacq.data.examples import TextSide
-from dkacq.encoders.loading import load_encoders, weights_identity
-from dkacq.encoders.presets import PRESETS, EncoderPreset
+from dkacq.encoders.loading import load_encoders, model_config, resolve_model_path, weights_identity
+from dkacq.encoders.presets import PRESETS, EncoderPreset, ModelSource
 from dkacq.encoders.text_encoder import TextEncoder
 from dkacq.formats.counts import (
     COUNTS_FILE,
     PROGRESS_DIR,
     SUMMARY_FILE,
+    PerTextCounts,
     Segment,
     clear_segments,
+    join_per_text,
     read_segments,
     read_summary,
     sum_segments,
@@ -32,9 +35,41 @@ from dkacq.formats.counts import (
 from dkacq.formats.identity import differences, plain
 from dkacq.formats.provenance import hardware, package_versions
 
+STUDY_MAX_LENGTH = 256
+"""The published attribution's token limit, for queries and passages alike."""
+
 
 class AttributionConflictError(ValueError):
     """An output folder holds attribution results of other settings."""
+
+
+def published_pooler(source: ModelSource, dtype: torch.dtype = torch.float32) -> nn.Module | None:
+    """What the published attribution reads for CLS pooling: the ``pooler_output`` of the model that
+    ``AutoModel`` builds from the checkpoint, as a module over the last hidden state.
+
+    BERT's pooler (``tanh(dense(CLS))``) where the model has one (bert-base-uncased, MiniLM); None where
+    ``pooler_output`` is the CLS vector itself (DPR's encoders) and dkacq's own CLS reading already
+    matches. Raises ``ValueError`` for a checkpoint without the pooler's weights (the published code
+    would have run on a randomly initialised pooler).
+    """
+    from transformers import AutoModel
+
+    config = model_config(source)
+    if config.model_type == "dpr":  # pooler_output is sequence_output[:, 0], projected where projection_dim > 0
+        if getattr(config, "projection_dim", 0):
+            raise ValueError(f"model '{source.model}' projects its CLS vector; cls_pooler does not reproduce that")
+        return None
+    kwargs = {"revision": source.revision} if source.revision else {}
+    model, info = AutoModel.from_pretrained(
+        resolve_model_path(source.model), config=config, dtype=dtype, output_loading_info=True, **kwargs
+    )
+    pooler = getattr(model, "pooler", None)
+    if pooler is None:
+        return None
+    missing = [key for key in info["missing_keys"] if "pooler" in key]
+    if missing:
+        raise ValueError(f"model '{source.model}' has no pooler weights ({', '.join(missing)}); cls_pooler needs them")
+    return pooler.eval().requires_grad_(False)
 
 
 class AttributionModule(LightningModule):
@@ -56,10 +91,12 @@ class AttributionModule(LightningModule):
         thresholds: list[float] | None = None,
         alpha_rule: PathRule = "reference",
         steps: int = 20,
-        max_length: int = 256,
+        max_length: int | None = None,
         replicas_per_pass: int | None = None,
         output_dir: str | None = None,
         save_every_n_batches: int = 1,
+        unmasked_mean: bool = False,
+        cls_pooler: bool = False,
     ):
         """
         Args:
@@ -72,7 +109,9 @@ class AttributionModule(LightningModule):
             alpha_rule: ``reference`` (linspace(1e-6, 1, steps), as published) or ``riemann_right``
                 (k / steps, the textbook right Riemann sum, as Captum).
             steps: points on the integration path (the study: 20).
-            max_length: token limit per text (the study: 256).
+            max_length: token limit per text. Given, it is used as is (the published attribution: 256 for
+                queries and passages); not given, the preset's limit for the text side, at most 256 (as
+                probed: 128 for BERT-family queries, 256 for passages).
             replicas_per_pass: (text, alpha) replicas in one forward and backward pass: one text's
                 ``steps`` when not given; a multiple of ``steps`` batches that many texts per pass (for
                 GPUs), fewer splits a text's alphas over passes (less memory; the same numbers).
@@ -81,10 +120,28 @@ class AttributionModule(LightningModule):
             save_every_n_batches: each process saves what it has counted (and which texts) after this
                 many batches, so that a run stopped at any moment resumes from there with the same
                 config; 0 saves only at the end. A save costs one write of the counts (a few MB for 7B).
+            unmasked_mean: the published code's mean pooling (mean pooling only): the mean over every
+                position of the text's padded batch, padding included, so a text's numbers depend on the
+                other texts of its batch (``data.batch_size``; the published batch is 8, one process).
+            cls_pooler: the published code's CLS vector (CLS pooling only): the model's ``pooler_output``,
+                ``tanh(dense(CLS))`` for BERT checkpoints with a pooler (bert-base-uncased), the CLS
+                vector itself for DPR's encoders; dkacq reads the CLS hidden state.
+
+        ``eos_reference`` pooling reproduces the published attribution script's input (``"</s>"`` appended
+        without a space, padding to the longest text of the batch; see
+        :class:`~dkacq.encoders.text_encoder.TextEncoder`).
         """
         super().__init__()
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if unmasked_mean and encoder.pooling != "mean":
+            raise ValueError(f"unmasked_mean is the published mean pooling; the encoder pools by {encoder.pooling}")
+        if cls_pooler and encoder.pooling != "cls":
+            raise ValueError(f"cls_pooler is the published CLS reading; the encoder pools by {encoder.pooling}")
+        if cls_pooler and encoder.random_init:
+            raise ValueError("cls_pooler reads a checkpoint's pooler; a random-init control has none")
         self.save_hyperparameters()
         self.preset = encoder
         self.kinds = list(kinds or encoder.attribution_kinds)
@@ -95,7 +152,11 @@ class AttributionModule(LightningModule):
         self.run_identity: dict | None = None
         self.segment_name = f"{uuid.uuid4().hex[:12]}"
         self.counted_texts: list[str] = []
+        self.text_order: list[str] = []
+        """The text key of every text of the set, in order: per-text rows follow it."""
+        self.positions: dict[str, int] = {}
         self.earlier: tuple[dict, int] = ({}, 0)
+        self.earlier_segments: list[Segment] = []
         self.written = False
         self.started: float | None = None
 
@@ -104,12 +165,31 @@ class AttributionModule(LightningModule):
         """The weights of the side whose texts are attributed."""
         return self.preset.query if self.hparams.text_side == "query" else self.preset.passage
 
-    def identity(self, data: LightningDataModule | None, precision: str) -> dict:
-        """Everything the counts depend on; ``data``, a set-up text data module
-        (:class:`dkacq.datamodules.texts.TextDataModule`), gives the hash of its texts."""
+    @property
+    def max_length(self) -> int:
+        """The token limit per text: ``max_length`` when given, else the side's preset limit, at most 256."""
+        if self.hparams.max_length is not None:
+            return int(self.hparams.max_length)
         side_length = (
             self.preset.query_max_length if self.hparams.text_side == "query" else self.preset.passage_max_length
         )
+        return min(side_length, STUDY_MAX_LENGTH)
+
+    def published_readings(self) -> dict:
+        """The published code's readings this run reproduces (empty for dkacq's own)."""
+        readings = {}
+        if self.hparams.unmasked_mean:
+            readings["unmasked_mean"] = True
+        if self.hparams.cls_pooler:
+            readings["cls_pooler"] = True
+        if self.preset.pooling == "eos_reference":
+            readings["eos_reference_input"] = "attribution"
+        return readings
+
+    def identity(self, data: LightningDataModule | None, precision: str) -> dict:
+        """Everything the counts depend on; ``data``, a set-up text data module
+        (:class:`dkacq.datamodules.texts.TextDataModule`), gives the hash of its texts."""
+        readings = self.published_readings()
         return plain(
             {
                 "encoder": asdict(self.preset),
@@ -123,8 +203,9 @@ class AttributionModule(LightningModule):
                 "thresholds": self.thresholds,
                 "alpha_rule": self.hparams.alpha_rule,
                 "steps": self.hparams.steps,
-                "max_length": min(side_length, self.hparams.max_length),
+                "max_length": self.max_length,
                 "precision": precision,
+                **({"published_readings": readings} if readings else {}),
             }
         )
 
@@ -163,19 +244,31 @@ class AttributionModule(LightningModule):
                     f"give model.output_dir another folder, or remove its {PROGRESS_DIR}/ folder"
                 )
         self.earlier = sum_segments(segments)
+        self.earlier_segments = segments
+        self.text_order = [text_key(text) for text in getattr(data, "texts", None) or []]
+        self.positions = {key: position for position, key in enumerate(self.text_order)}
         if data is not None and segments:
             data.exclude({key for segment in segments for key in segment.texts})
 
     def configure_model(self) -> None:
         if self.text_encoder is not None:
             return
-        preset = self.preset
         dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
-        query, passage = load_encoders(preset, dtype=dtype)
-        self.text_encoder = query if self.hparams.text_side == "query" else passage
-        self.text_encoder.max_length = min(self.text_encoder.max_length, self.hparams.max_length)
+        self.text_encoder = self.build_encoder(dtype)
         self.targets = find_targets(self.text_encoder.transformer, self.kinds)
-        self.counts = ActiveNeuronCounts(self.targets, self.thresholds)
+        self.counts = ActiveNeuronCounts(self.targets, self.thresholds, text_capacity=len(self.text_order) or None)
+
+    def build_encoder(self, dtype: torch.dtype = torch.float32) -> TextEncoder:
+        """The text side's encoder as this run reads it: its token limit, and the published readings the
+        options ask for (``eos_reference`` with the attribution script's input)."""
+        query, passage = load_encoders(self.preset, dtype=dtype)
+        encoder = query if self.hparams.text_side == "query" else passage
+        encoder.max_length = self.max_length
+        encoder.eos_reference_input = "attribution"
+        encoder.unmasked_mean = bool(self.hparams.unmasked_mean)
+        if self.hparams.cls_pooler:
+            encoder.pooler = published_pooler(self.source, dtype)
+        return encoder
 
     def predict_step(self, texts: list[str], batch_idx: int) -> int:
         """Score a batch of texts and count its active neurons; returns the number of texts."""
@@ -189,8 +282,9 @@ class AttributionModule(LightningModule):
                 self.hparams.steps,
                 self.hparams.replicas_per_pass,
             )
-        self.counts.update(scores)
-        self.counted_texts += [text_key(text) for text in texts]
+        keys = [text_key(text) for text in texts]
+        self.counts.update(scores, [self.positions[key] for key in keys] if self.counts.text_capacity else None)
+        self.counted_texts += keys
         every = self.hparams.save_every_n_batches
         if every and (batch_idx + 1) % every == 0:
             self.save_progress()
@@ -199,8 +293,32 @@ class AttributionModule(LightningModule):
     def save_progress(self) -> None:
         """This process's counts and texts so far, as its progress segment in the output folder."""
         local = self.counts.local()
-        segment = Segment(local.counts, local.num_texts, self.counted_texts, self.run_identity)
+        per_text = None
+        if local.per_text is not None:
+            rows = torch.tensor([self.positions[key] for key in self.counted_texts], dtype=torch.int64)
+            per_text = {key: table.cpu().index_select(0, rows) for key, table in local.per_text.items()}
+        segment = Segment(local.counts, local.num_texts, self.counted_texts, self.run_identity, per_text)
         write_segment(self.output_path, f"{self.segment_name}-rank{self.global_rank}", segment)
+
+    def per_text_counts(self, counts) -> PerTextCounts | None:
+        """This run's per-text rows (summed over processes) and those of the segments it resumed from, in
+        the order of the text set; None when some segment predates per-text tables."""
+        if counts.per_text is None:
+            return None
+        counted = counts.counted.cpu()
+        if (counted > 1).any():
+            raise RuntimeError("a text was counted more than once")
+        rows = counted.nonzero().flatten()
+        current = PerTextCounts(
+            [self.text_order[row] for row in rows.tolist()],
+            {key: table.cpu().index_select(0, rows) for key, table in counts.per_text.items()},
+        )
+        parts = [current, *(segment.per_text_counts() for segment in self.earlier_segments)]
+        if any(part is None for part in parts):
+            return None
+        joined = join_per_text(parts)
+        present = set(joined.texts)
+        return joined.ordered([key for key in self.text_order if key in present])
 
     def output_path_for(self, data: LightningDataModule | None) -> Path:
         if self.hparams.output_dir:
@@ -231,9 +349,10 @@ class AttributionModule(LightningModule):
         for key, count in earlier.items():
             counts.counts[key] = counts.counts[key] + count.to(counts.counts[key].device)
         counts.num_texts += earlier_texts
+        per_text = self.per_text_counts(counts)
         folder = self.output_path
         write_summary(folder, self.summary(counts))
-        write_counts(folder, counts.counts, counts.num_texts)
+        write_counts(folder, counts.counts, counts.num_texts, per_text)
         clear_segments(folder)
 
     def speed(self, texts: int) -> dict:
@@ -272,6 +391,7 @@ class AttributionModule(LightningModule):
             "kinds": kinds,
             "num_texts": int(counts.num_texts),
             "max_length": self.text_encoder.max_length,
+            "published_readings": self.published_readings(),
             "precision": str(self.trainer.precision),
             "dtype": str(next(self.text_encoder.transformer.parameters()).dtype).removeprefix("torch."),
             "devices": self.trainer.world_size,

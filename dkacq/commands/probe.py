@@ -1,7 +1,9 @@
 """``dkacq fit`` / ``validate`` / ``test``: one linear probe per (head, layer) on cached embeddings."""
 
+import contextlib
 import itertools
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -10,10 +12,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dkacq.commands import output
-from dkacq.datamodules.probe import ProbeDataModule
+from dkacq.datamodules.probe import LAYERS, ProbeDataModule
 from dkacq.formats.atomic import atomic_write_text
 from dkacq.formats.identity import digest, without
 from dkacq.formats.results import ProbeCell, check_cells, finished_ids
+from dkacq.probe.baselines import baseline_cells, record_baselines, record_layer_baselines
 from dkacq.probe.heads import Head
 from dkacq.probe.linear_probe import LinearProbe
 from dkacq.probe.results import ProbeResults
@@ -56,7 +59,8 @@ Every other option is in it, with the exact weights and data the embedding cache
 
 class ProbeCLI(LightningCLI):
     """Probing runs one fit per (head, layer) cell: a fresh probe, trainer and seed for each, so a cell's
-    result does not depend on which cells ran before it; memory holds one layer's vectors at a time.
+    result does not depend on which cells ran before it. Cells run layer by layer, each layer read once
+    for all its heads (:func:`run_cells`); memory holds one layer's vectors at a time.
 
     Every cell is planned and checked (layers against the model's config, the results table for rows of
     other settings) before the embedding cache is built or any probe fitted.
@@ -132,7 +136,7 @@ class ProbeCLI(LightningCLI):
                     identity,
                 )
             )
-        check_cells(self.results.results_path, cells)
+        check_cells(self.results.results_path, cells + baseline_cells(data))
         return cells
 
     def _checkpoint_folder(self, cell: ProbeCell) -> Path:
@@ -191,17 +195,15 @@ class ProbeCLI(LightningCLI):
             )
         return str(path)
 
-    def fit_cells(self, ckpt_path: str | None = None, **kwargs) -> None:
-        """Fit one probe per cell, keep the best validation epoch, test it and record the result.
-
-        A cell starts from an empty checkpoint folder, so a cell interrupted earlier starts again cleanly.
-        Each cell is announced on a line of its own (``[3/14] demo minilm mean N=5 layer 2 concat``),
-        counting the cells that run; those left out as finished are counted once, before.
-        """
+    def todo(self) -> list[ProbeCell]:
+        """The cells a fit runs: every cell planned and checked, this setting's config saved, the probe
+        set and cache built, and (with ``results.skip_finished``) those the table holds left out, said
+        once, here."""
         cells = self.plan()
         output.checked()
         self._save_config()
-        self.datamodule.prepare_data()
+        trainer = self.run_config.trainer
+        self.datamodule.prepare_data(trainer.accelerator, trainer.devices, trainer.num_nodes, trainer.strategy)
         done = finished_ids(self.results.results_path) if self.results.skip_finished else set()
         todo = [cell for cell in cells if cell.id not in done]
         if len(todo) < len(cells):
@@ -210,13 +212,12 @@ class ProbeCLI(LightningCLI):
                 f"{skipped} of {len(cells)} cells skipped: {self.results.results_path} holds their results "
                 f"from these settings (results.skip_finished)"
             )
-        for number, cell in enumerate(todo, 1):
-            output.say(f"[{number}/{len(todo)}] {cell.label}")
-            cli = self.cell_cli(cell)
-            shutil.rmtree(self._checkpoint_folder(cell), ignore_errors=True)
-            cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, **kwargs)
-            cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
-        print(self.results.results_path)
+        return todo
+
+    def fit_cells(self, ckpt_path: str | None = None, share_layers: bool = True, **kwargs) -> None:
+        """Fit one probe per cell, keep the best validation epoch, test it and record the result
+        (:func:`fit_settings` of this setting alone)."""
+        fit_settings([self], ckpt_path, share_layers, **kwargs)
 
     def fit(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
         self.fit_cells(ckpt_path, **kwargs)
@@ -224,24 +225,79 @@ class ProbeCLI(LightningCLI):
     def validate(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
         cells = self.plan()
         output.checked()
-        for number, cell in enumerate(cells, 1):
-            output.say(f"[{number}/{len(cells)}] {cell.label}")
-            cli = self.cell_cli(cell)
+
+        def validate(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> None:
             cli.trainer.validate(
                 cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs
             )
+
+        run_cells([(self, cell) for cell in cells], validate)
 
     def test(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
         cells = self.plan()
         output.checked()
         self._save_config()
-        for number, cell in enumerate(cells, 1):
-            output.say(f"[{number}/{len(cells)}] {cell.label}")
-            cli = self.cell_cli(cell)
+
+        def test(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> None:
             cli.trainer.test(
                 cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs
             )
+
+        run_cells([(self, cell) for cell in cells], test)
         print(self.results.results_path)
+
+
+def run_cells(
+    jobs: list[tuple[ProbeCLI, ProbeCell]],
+    action: Callable[[ProbeCLI, ProbeCell, ProbeCLI], None],
+    share_layers: bool = True,
+) -> None:
+    """Run ``action(setting, cell, cell_cli)`` with a fresh CLI (:meth:`ProbeCLI.cell_cli`) for each
+    (setting, cell) of ``jobs``, each announced on a line of its own
+    (``[3/14] demo minilm mean N=5 layer 2 concat``), counting the cells that run.
+
+    With ``share_layers`` the cells run layer by layer (every setting and head of layer 0, then of
+    layer 1, ...) and each layer's vectors are read once for all of them (:data:`LAYERS`); a cell's
+    numbers do not depend on the order, as each is built and seeded afresh. Without it each cell reads
+    its own layer, in the order given (what dkacq did before, kept for ``benchmarks/probe_sweep.py``).
+    Memory holds one layer's vectors at a time either way: each cell's data is released when it is done.
+    """
+    if share_layers:
+        jobs = sorted(jobs, key=lambda job: job[1].layer)  # stable: settings, then heads, within a layer
+    with LAYERS.sharing() if share_layers else contextlib.nullcontext():
+        for number, (parent, cell) in enumerate(jobs, 1):
+            output.say(f"[{number}/{len(jobs)}] {cell.label}")
+            cli = parent.cell_cli(cell)
+            try:
+                action(parent, cell, cli)
+            finally:
+                cli.datamodule.release()
+                del cli
+
+
+def fit_settings(clis: list[ProbeCLI], ckpt_path: str | None = None, share_layers: bool = True, **kwargs) -> None:
+    """Fit every cell of one or more settings (a sweep's N values of a setting, which share a cache),
+    reading each layer once for all of them (:func:`run_cells`).
+
+    Every setting is checked, its config saved and its cache built before the first probe is fitted. A
+    cell starts from an empty checkpoint folder, so a cell interrupted earlier starts again cleanly;
+    after its fit the best validation epoch is tested and its result recorded. Each results table is
+    printed once, at the end.
+    """
+    jobs = [(cli, cell) for cli in clis for cell in cli.todo()]
+    done = {id(cli): finished_ids(cli.results.results_path) if cli.results.skip_finished else set() for cli in clis}
+
+    def fit(parent: ProbeCLI, cell: ProbeCell, cli: ProbeCLI) -> None:
+        shutil.rmtree(parent._checkpoint_folder(cell), ignore_errors=True)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, **kwargs)
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+        record_layer_baselines(cli.datamodule, parent.results.run_dir, done[id(parent)], parent.results.config_file)
+
+    run_cells(jobs, fit, share_layers)
+    for cli in clis:  # settings or layers whose probes were all finished earlier: their baselines, once
+        record_baselines(cli.datamodule, cli.results.run_dir, skip_finished=True, config_file=cli.results.config_file)
+    for path in dict.fromkeys(cli.results.results_path for cli in clis):
+        print(path)
 
 
 def build(options: dict) -> ProbeCLI:

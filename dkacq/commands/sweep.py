@@ -1,9 +1,11 @@
 """``dkacq sweep``: a study config's grid of probes and attribution runs, resumable, then its report.
 
-Each probe setting runs ``dkacq fit`` once per N with every head and layer, all into one results
+Each probe setting runs ``dkacq fit``'s cells once per N with every head and layer, all into one results
 table; a cell with a row of the same identity there is skipped, so a stopped sweep run again runs each
 remaining cell once and none twice. An embedding cache belongs to a setting (not to N or a head), so it
-is built once. An attribution run is done when its folder holds counts of the same identity.
+is built once, and the settings that share a cache (a setting's N values) are fitted together, layer by
+layer: each layer file is read once for every N and head (:func:`dkacq.commands.probe.fit_settings`).
+An attribution run is done when its folder holds counts of the same identity.
 """
 
 import inspect
@@ -102,6 +104,15 @@ def study_clis(
     return probe_clis, attribution_clis
 
 
+def sharing_a_cache(clis: list[probe.ProbeCLI]) -> list[list[probe.ProbeCLI]]:
+    """The probe settings grouped by the embedding cache they read (a setting's N values), in the order
+    of each group's first setting."""
+    groups: dict[Path, list[probe.ProbeCLI]] = {}
+    for cli in clis:
+        groups.setdefault(cli.datamodule.embeddings_folder.resolve(), []).append(cli)
+    return list(groups.values())
+
+
 def sweep(
     run_dir: Path = Path("runs/study"),
     data: dict | None = None,
@@ -130,8 +141,8 @@ def sweep(
     pending = [cli for cli in attribution_clis if not cli.finished()]
     output.checked()
 
-    for cli in probe_clis:
-        cli.fit_cells()
+    for clis in sharing_a_cache(probe_clis):
+        probe.fit_settings(clis)
     for cli in pending:
         cli.run_attribution()
     results = run_dir / "probe" / "results.csv"

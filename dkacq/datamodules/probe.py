@@ -1,6 +1,9 @@
 """ProbeDataModule: the probe set and its embedding cache, one layer at a time, as N-passage batches."""
 
+import gc
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -15,7 +18,7 @@ from dkacq.data.examples import ProbeFormat
 from dkacq.data.sampling import check_num_passages, draw_passage_orders
 from dkacq.data.storage import check_dataset_name, fingerprint, stored_probe_set
 from dkacq.encoders import extraction, loading
-from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, open_cache
+from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, layer_file, open_cache
 from dkacq.encoders.pooling import Pooling
 from dkacq.encoders.presets import EncoderPreset, get_preset
 from dkacq.formats.atomic import file_lock
@@ -69,6 +72,62 @@ class ProbeExamples(Dataset):
         }
 
 
+class LayerHolder:
+    """One layer's vectors, kept in this process for every probe of that layer while :meth:`sharing`.
+
+    A layer file of a large model is several GB, and each probe of a layer (every head, every N) would
+    otherwise read it again for fitting and again for testing. While a command shares layers, every
+    :meth:`ProbeDataModule.setup` takes its layer from here: the first asks for it to be read, the others
+    get the same tensors (never changed in place), and asking for another layer releases the held one
+    before the next is read, so the holder holds at most one layer. The key is the cache folder, the
+    layer and the file's size, modification time and inode, so a cache rebuilt in between is read again.
+    Outside :meth:`sharing` (or with ``enabled`` false) every setup reads its layer itself.
+    """
+
+    def __init__(self):
+        self.users = 0
+        self.enabled = True
+        self.key: tuple | None = None
+        self.vectors: tuple[Tensor, Tensor] | None = None
+
+    @contextmanager
+    def sharing(self) -> Iterator["LayerHolder"]:
+        """Share layers within; the held layer is released when the outermost ``sharing`` ends."""
+        self.users += 1
+        try:
+            yield self
+        finally:
+            self.users -= 1
+            if not self.users:
+                self.release()
+
+    def release(self) -> None:
+        """Drop the held layer (and collect garbage, so that no cycle keeps its tensors alive)."""
+        held, self.key, self.vectors = self.vectors, None, None
+        if held is not None:
+            del held
+            gc.collect()
+
+    def layer(self, cache: EmbeddingCache, layer: int) -> tuple[Tensor, Tensor]:
+        """Query and passage vectors of ``layer`` (float32): the held ones when they are this file's."""
+        if not (self.users and self.enabled):
+            return cache.layer(layer)
+        try:
+            stat = layer_file(cache.folder, layer).stat()
+            key = (str(cache.folder.resolve()), layer, stat.st_size, stat.st_mtime_ns, stat.st_ino)
+        except OSError:
+            key = None  # reading it says what is wrong
+        if key is None or key != self.key:
+            self.release()
+            vectors = cache.layer(layer)
+            self.key, self.vectors = key, vectors
+        return self.vectors
+
+
+LAYERS = LayerHolder()
+"""The process's holder: :meth:`LayerHolder.sharing` is entered by the probe commands around their cells."""
+
+
 def _whole_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
     return batch
 
@@ -102,7 +161,8 @@ class ProbeDataModule(LightningDataModule):
     """Probe examples over one layer of an encoder's cached vectors.
 
     ``prepare_data`` builds the probe set (stored with ``datasets``) and the embedding cache when they
-    are missing; ``setup`` opens the one layer in :attr:`layer` and nothing else.
+    are missing; ``setup`` opens the one layer in :attr:`layer` and nothing else (from :data:`LAYERS`
+    when a command shares layers between its probes).
     """
 
     def __init__(
@@ -232,29 +292,45 @@ class ProbeDataModule(LightningDataModule):
                 raise ValueError(f"layer {layer} outside 0..{self.num_hidden_states - 1} of {self.preset.name}")
         return layers
 
-    def prepare_data(self) -> None:
-        """Build the cache unless a complete one of the same request exists; under a lock, so that a
-        second process building the same cache waits and then reuses it."""
+    def prepare_data(
+        self, accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto"
+    ) -> None:
+        """Build the cache unless a complete one of the same request exists, on the given devices.
+
+        Global rank 0 builds under a file lock, so that a second job building the same cache waits and
+        then reuses it; the other ranks of a distributed build (``ddp``, torchrun, SLURM) join rank 0's
+        build without the lock, which rank 0 holds. The cache folder must be on a file system every
+        node sees.
+        """
         request = self.cache_request()
+        distribution = dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
+        if extraction.process_rank(**distribution) > 0:
+            if open_cache(self.embeddings_folder, request) is None:
+                self._build(request, distribution)
+            return
         with file_lock(self.embeddings_folder):
             try:
                 if open_cache(self.embeddings_folder, request, verify=self.hparams.verify_cache) is not None:
                     return
             except CacheDamagedError as error:
                 log.warning("%s (rebuilding it now)", error)
-            probe_set, _ = self.load_probe_set()
-            query_encoder, passage_encoder = loading.load_encoders(self.preset)
-            extraction.build_cache(
-                self.embeddings_folder,
-                request,
-                query_encoder,
-                passage_encoder,
-                probe_set,
-                self.hparams.extraction_batch_size,
-                self.precision,
-                self.hparams.cache_dtype,
-                label=self.preset.label,
-            )
+            self._build(request, distribution)
+
+    def _build(self, request: dict, distribution: dict) -> None:
+        probe_set, _ = self.load_probe_set()
+        query_encoder, passage_encoder = loading.load_encoders(self.preset)
+        extraction.build_cache(
+            self.embeddings_folder,
+            request,
+            query_encoder,
+            passage_encoder,
+            probe_set,
+            self.hparams.extraction_batch_size,
+            self.precision,
+            self.hparams.cache_dtype,
+            label=self.preset.label,
+            **distribution,
+        )
 
     def open(self) -> EmbeddingCache:
         """The prepared cache (``prepare_data`` must have run)."""
@@ -271,11 +347,16 @@ class ProbeDataModule(LightningDataModule):
     def split_sizes(self) -> dict[str, int]:
         return {name: len(dataset) for name, dataset in self.datasets.items()}
 
+    def cached_vectors(self) -> tuple[Tensor, Tensor]:
+        """The probed layer's query and passage vectors as cached, before any standardisation (from
+        :data:`LAYERS`, so a layer shared by several cells is still read once)."""
+        return LAYERS.layer(self.open(), self.layer)
+
     def setup(self, stage: str | None = None) -> None:
         if self.layer is None:
             raise ValueError("ProbeDataModule.layer is not set: choose the hidden state to probe")
         cache = self.open()
-        queries, passages = cache.layer(self.layer)
+        queries, passages = LAYERS.layer(cache, self.layer)
         train_query, train_passages = cache.index("train")
         test_query, test_passages = cache.index("test")
         order = torch.randperm(len(train_query), generator=torch.Generator().manual_seed(self.hparams.seed))
@@ -295,6 +376,13 @@ class ProbeDataModule(LightningDataModule):
             ),
             "test": ProbeExamples(queries, passages, test_query, test_passages, n, fixed_seed=seed),
         }
+
+    def release(self) -> None:
+        """Drop this module's vectors once its probe is done: a finished trainer may hold its loaders
+        (and so the datasets) until garbage collection, which must not keep a layer alive."""
+        for dataset in getattr(self, "datasets", {}).values():
+            dataset.queries = dataset.passages = None
+        self.datasets = {}
 
     @staticmethod
     def _standardize(

@@ -31,6 +31,7 @@ class TextDataModule(LightningDataModule):
         max_examples: int | None = 1000,
         batch_size: int = 8,
         cache_dir: str = ".cache/dkacq",
+        max_examples_of: Literal["texts", "rows"] = "texts",
     ):
         """
         Args:
@@ -42,6 +43,10 @@ class TextDataModule(LightningDataModule):
             split: the split whose texts are attributed (the study: test).
             text_side: ``query`` (questions, for a query encoder) or ``passage`` (positive passages).
             max_examples: stop after this many distinct texts (the study: 1,000); all when not given.
+            max_examples_of: what ``max_examples`` counts: ``texts``, distinct texts (dkacq: exactly
+                ``max_examples`` texts where the split has them), or ``rows``, the split's first
+                ``max_examples`` rows, whose distinct texts are attributed (the published code, which takes
+                the rows first and drops repeated texts after, so fewer texts where rows repeat one).
             batch_size: texts per batch; each text is replicated once per alpha step and target layer
                 group, so memory grows with batch_size x steps x tokens.
             cache_dir: folder of stored probe sets, shared with probing.
@@ -49,6 +54,8 @@ class TextDataModule(LightningDataModule):
         super().__init__()
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"max_examples must be at least 1, got {max_examples}")
+        if max_examples_of not in ("texts", "rows"):
+            raise ValueError(f"max_examples_of must be texts or rows, got {max_examples_of!r}")
         check_dataset_name(dataset, source)
         self.save_hyperparameters()
         self.texts: list[str] = []
@@ -64,8 +71,12 @@ class TextDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         probe_set, _ = self._probe_set()
-        texts = list(dict.fromkeys(probe_set[self.hparams.split][TEXT_COLUMNS[self.hparams.text_side]]))
-        self.texts = texts[: self.hparams.max_examples]
+        column = list(probe_set[self.hparams.split][TEXT_COLUMNS[self.hparams.text_side]])
+        limit = self.hparams.max_examples
+        if self.hparams.get("max_examples_of", "texts") == "rows":
+            self.texts = list(dict.fromkeys(column[:limit]))
+        else:
+            self.texts = list(dict.fromkeys(column))[:limit]
         self.remaining = self.texts
         if not self.texts:
             raise ValueError(

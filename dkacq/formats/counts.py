@@ -7,11 +7,22 @@ active in: an int64 ``[num_layers, num_neurons]`` tensor keyed ``"{kind}@{thresh
 ``side``, ``num_layers`` and ``num_neurons``) and the run's identity. Both files are written whole
 under a temporary name and renamed, the summary first: a folder with counts is a finished run.
 
+**Per-text counts** (written since per-text tables were added; a file without them is read as before):
+``counts.safetensors`` also holds, per kind and threshold, how many neurons of each module were active in
+each text: an int32 ``[num_texts, num_layers]`` tensor keyed ``"per_text/{kind}@{threshold:g}"``
+(:func:`per_text_key`), whose row ``i`` is the text named by the ``i``-th entry of the file's metadata
+``"text_keys"`` (a JSON list of :func:`text_key` values, in the order of the run's text set). Its column
+sums are the row sums of the per-neuron counts (``per_text.sum(0) == counts.sum(1)``). Two runs over
+the same texts are paired row by row through their text keys (:meth:`AttributionRun.per_text_by_key`).
+The table is small (texts x layers per kind and threshold); per-text activity of single neurons is not
+kept (see :mod:`dkacq.report.attribution_stats`).
+
 While a run is in progress, ``progress/<segment>.safetensors`` files hold what each process has counted
-so far: its counts (as in ``counts.safetensors``), and in the metadata the keys of the texts it counted
-(:func:`text_key`) and the run's identity. Each process rewrites its own segment after every batch, whole
-or not at all, so a run killed at any moment resumes from the texts its segments hold; segments of one
-run never share a text. They are removed once ``counts.safetensors`` is written.
+so far: its counts (as in ``counts.safetensors``), its per-text tables (rows in the order of its texts),
+and in the metadata the keys of the texts it counted (:func:`text_key`) and the run's identity. Each
+process rewrites its own segment after every batch, whole or not at all, so a run killed at any moment
+resumes from the texts its segments hold; segments of one run never share a text. They are removed once
+``counts.safetensors`` is written.
 """
 
 import hashlib
@@ -32,6 +43,8 @@ from dkacq.formats.identity import canonical
 SUMMARY_FILE = "summary.json"
 COUNTS_FILE = "counts.safetensors"
 NUM_TEXTS_KEY = "num_texts"
+PER_TEXT_PREFIX = "per_text/"
+TEXT_KEYS_METADATA = "text_keys"
 PROGRESS_DIR = "progress"
 SIDES: tuple[str, ...] = ("intermediate", "output")
 """The sides a kind can belong to in ``summary.json``, in the order the report shows them: the wide
@@ -49,23 +62,100 @@ def parse_counts_key(key: str) -> tuple[str, float]:
     return kind, float(threshold)
 
 
-def counts_tensors(counts: Mapping[tuple[str, float], torch.Tensor], num_texts: int) -> dict[str, torch.Tensor]:
-    """The tensors of ``counts.safetensors`` from ``(kind, threshold)`` -> int64 ``[num_layers, num_neurons]``."""
+def per_text_key(kind: str, threshold: float) -> str:
+    """The key of one kind's per-text table at one threshold in ``counts.safetensors``."""
+    return PER_TEXT_PREFIX + counts_key(kind, threshold)
+
+
+PerTextTables = dict[tuple[str, float], torch.Tensor]
+"""``(kind, threshold)`` -> int32 ``[num_texts, num_layers]``: active neurons per text and module."""
+
+
+@dataclass(frozen=True)
+class PerTextCounts:
+    """Per text and module, how many of the module's neurons were active, with the texts' keys."""
+
+    texts: list[str]
+    """The :func:`text_key` of each row's text."""
+    tables: PerTextTables
+
+    def __post_init__(self):
+        for key, table in self.tables.items():
+            if table.dim() != 2 or table.shape[0] != len(self.texts):
+                raise ValueError(
+                    f"per-text table {key} has shape {tuple(table.shape)}, not [{len(self.texts)}, layers]"
+                )
+
+    def ordered(self, order: list[str]) -> "PerTextCounts":
+        """The rows in the order of ``order`` (text keys), which must name exactly these texts."""
+        if sorted(order) != sorted(self.texts):
+            raise ValueError("per-text rows and the text set differ")
+        row = {key: index for index, key in enumerate(self.texts)}
+        index = torch.tensor([row[key] for key in order], dtype=torch.int64)
+        return PerTextCounts(list(order), {key: table.index_select(0, index) for key, table in self.tables.items()})
+
+
+def join_per_text(parts: Iterable[PerTextCounts]) -> PerTextCounts:
+    """The rows of several parts (of disjoint texts) one after another."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("nothing to join")
+    keys = set(parts[0].tables)
+    if any(set(part.tables) != keys for part in parts):
+        raise ValueError("per-text parts hold different kinds or thresholds")
+    texts = [text for part in parts for text in part.texts]
+    if len(set(texts)) != len(texts):
+        raise ValueError("per-text parts share a text")
+    return PerTextCounts(texts, {key: torch.cat([part.tables[key].cpu() for part in parts]) for key in keys})
+
+
+def counts_tensors(
+    counts: Mapping[tuple[str, float], torch.Tensor], num_texts: int, per_text: PerTextTables | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``counts.safetensors`` from ``(kind, threshold)`` -> int64 ``[num_layers, num_neurons]``,
+    and the per-text tables if given."""
     tensors = {counts_key(kind, threshold): count.cpu().contiguous() for (kind, threshold), count in counts.items()}
     tensors[NUM_TEXTS_KEY] = torch.tensor(num_texts, dtype=torch.int64)
+    for (kind, threshold), table in (per_text or {}).items():
+        tensors[per_text_key(kind, threshold)] = table.cpu().to(torch.int32).contiguous()
     return tensors
 
 
 def split_counts_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[tuple[str, float], torch.Tensor], int]:
-    """The inverse of :func:`counts_tensors`: ``(kind, threshold)`` -> counts, and the number of texts."""
-    counts = {parse_counts_key(key): value for key, value in tensors.items() if key != NUM_TEXTS_KEY}
+    """The inverse of :func:`counts_tensors` for the per-neuron counts: ``(kind, threshold)`` -> counts, and
+    the number of texts (per-text tables are left out: :func:`split_per_text_tensors`)."""
+    counts = {
+        parse_counts_key(key): value
+        for key, value in tensors.items()
+        if key != NUM_TEXTS_KEY and not key.startswith(PER_TEXT_PREFIX)
+    }
     return counts, int(tensors[NUM_TEXTS_KEY])
 
 
-def write_counts(folder: Path, counts: Mapping[tuple[str, float], torch.Tensor], num_texts: int) -> Path:
-    """Write ``folder/counts.safetensors``; call it after :func:`write_summary`."""
-    tensors = counts_tensors(counts, num_texts)
-    return atomic_write(Path(folder) / COUNTS_FILE, lambda temporary: save_file(tensors, str(temporary)))
+def split_per_text_tensors(tensors: Mapping[str, torch.Tensor]) -> PerTextTables:
+    """The per-text tables among the tensors of a counts file or segment; empty for a file without them."""
+    return {
+        parse_counts_key(key.removeprefix(PER_TEXT_PREFIX)): value
+        for key, value in tensors.items()
+        if key.startswith(PER_TEXT_PREFIX)
+    }
+
+
+def write_counts(
+    folder: Path,
+    counts: Mapping[tuple[str, float], torch.Tensor],
+    num_texts: int,
+    per_text: PerTextCounts | None = None,
+) -> Path:
+    """Write ``folder/counts.safetensors``; call it after :func:`write_summary`. ``per_text``, when given,
+    must hold one row per counted text."""
+    if per_text is not None and len(per_text.texts) != num_texts:
+        raise ValueError(f"per-text counts hold {len(per_text.texts)} texts, the counts {num_texts}")
+    tensors = counts_tensors(counts, num_texts, per_text.tables if per_text is not None else None)
+    metadata = {TEXT_KEYS_METADATA: json.dumps(per_text.texts)} if per_text is not None else None
+    return atomic_write(
+        Path(folder) / COUNTS_FILE, lambda temporary: save_file(tensors, str(temporary), metadata=metadata)
+    )
 
 
 def write_summary(folder: Path, summary: dict) -> Path:
@@ -90,11 +180,16 @@ class Segment:
     texts: list[str]
     """The :func:`text_key` of every text counted."""
     identity: dict | None
+    per_text: PerTextTables | None = None
+    """Per-text tables whose rows follow :attr:`texts`; None in segments written before they existed."""
+
+    def per_text_counts(self) -> PerTextCounts | None:
+        return PerTextCounts(list(self.texts), self.per_text) if self.per_text else None
 
 
 def write_segment(folder: Path, name: str, segment: Segment) -> Path:
     """Write (or replace) ``folder/progress/<name>.safetensors`` whole."""
-    tensors = counts_tensors(segment.counts, segment.num_texts)
+    tensors = counts_tensors(segment.counts, segment.num_texts, segment.per_text)
     metadata = {"texts": json.dumps(segment.texts), "identity": canonical(segment.identity or {})}
     path = Path(folder) / PROGRESS_DIR / f"{name}.safetensors"
     return atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
@@ -114,6 +209,7 @@ def read_segments(folder: Path) -> list[Segment]:
                 num_texts,
                 json.loads(metadata.get("texts", "[]")),
                 json.loads(metadata.get("identity", "{}")) or None,
+                split_per_text_tensors(tensors) or None,
             )
         )
     return segments
@@ -143,11 +239,17 @@ class AttributionRun:
     summary: dict
     tensors: dict[str, np.ndarray]
     """The tensors of ``counts.safetensors`` as stored; read them through :meth:`counts_at`."""
+    text_keys: tuple[str, ...] | None = None
+    """The :func:`text_key` of each per-text row; None for a file without per-text tables."""
 
     @classmethod
     def load(cls, run_dir: Path) -> "AttributionRun":
         run_dir = Path(run_dir)
-        return cls(run_dir, read_summary(run_dir), load_file(str(run_dir / COUNTS_FILE)))
+        path = str(run_dir / COUNTS_FILE)
+        with safe_open(path, framework="numpy") as file:
+            metadata = file.metadata() or {}
+        keys = metadata.get(TEXT_KEYS_METADATA)
+        return cls(run_dir, read_summary(run_dir), load_file(path), tuple(json.loads(keys)) if keys else None)
 
     @property
     def model(self) -> str:
@@ -201,6 +303,29 @@ class AttributionRun:
         if key not in self.tensors:
             raise KeyError(f"{self.run_dir} has no counts '{key}'; thresholds: {self.thresholds}")
         return self.tensors[key]
+
+    @property
+    def has_per_text(self) -> bool:
+        return self.text_keys is not None and any(key.startswith(PER_TEXT_PREFIX) for key in self.tensors)
+
+    def per_text_at(self, kind: str, threshold: float) -> np.ndarray:
+        """``[texts, layers]``: per text (rows in :attr:`text_keys` order), how many neurons of each layer's
+        module of the kind were active. Raises ``KeyError`` for a run without per-text tables."""
+        key = per_text_key(kind, threshold)
+        if self.text_keys is None or key not in self.tensors:
+            raise KeyError(
+                f"{self.run_dir} has no per-text counts '{key}' (written by a dkacq without them, or other thresholds)"
+            )
+        return self.tensors[key]
+
+    def per_text_by_key(self, kind: str, threshold: float, keys: Iterable[str]) -> np.ndarray:
+        """:meth:`per_text_at` with its rows in the order of ``keys`` (text keys this run counted)."""
+        row = {key: index for index, key in enumerate(self.text_keys or ())}
+        keys = list(keys)
+        missing = [key for key in keys if key not in row]
+        if missing:
+            raise KeyError(f"{self.run_dir} did not count {len(missing)} of the texts asked for")
+        return self.per_text_at(kind, threshold)[[row[key] for key in keys]]
 
     def active_percentage(self, side: str, threshold: float) -> float:
         """Percentage of active (neuron, text) pairs over every neuron of the side's modules and layers."""

@@ -1,16 +1,22 @@
 """The results table (``results.csv``) and the per-example outcome files of probes: their one owner.
 
-A row is one tested probe. Its cell (dataset, model, pooling, N, layer, head) is what a report shows;
+A row is one tested probe, or one untrained baseline (``probe`` is then the baseline's name, see
+:mod:`dkacq.probe.baselines`). Its cell (dataset, model, pooling, N, layer, head) is what a report shows;
 its ``cell_id`` is the digest of every option and input that produced it (:mod:`dkacq.formats.identity`),
 whose full text is stored in the row's outcome file. A table never holds two rows of one cell with
 different identities: such a write is refused, because a report could not tell which one to show.
 Writes take a file lock, so concurrent processes never lose each other's rows.
+
+Every accuracy comes with its Wilson 95% interval (``test_acc_low``, ``test_acc_high``,
+:func:`accuracy_values`); a trained probe's row also says how its fit went (:data:`CONVERGENCE_COLUMNS`).
 """
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 import torch
@@ -31,6 +37,8 @@ RESULT_COLUMNS = (
     "best_epoch",
     "val_acc",
     "test_acc",
+    "test_acc_low",
+    "test_acc_high",
     "num_train",
     "num_val",
     "num_test",
@@ -40,7 +48,14 @@ RESULT_COLUMNS = (
     "standardize",
     "max_examples",
     "max_epochs",
+    "epochs_run",
+    "optimizer_steps",
+    "best_is_last",
+    "fit_seconds",
+    "early_stopping",
     "learning_rate",
+    "rank",
+    "normalize",
     "batch_size",
     "val_fraction",
     "seed",
@@ -53,6 +68,43 @@ RESULT_COLUMNS = (
 )
 CELL_KEY = ("dataset", "model", "pooling", "num_passages", "layer", "probe")
 """The columns a report shows a row under."""
+CONVERGENCE_COLUMNS = ("epochs_run", "optimizer_steps", "best_is_last", "fit_seconds", "early_stopping")
+"""How a probe's fit went: epochs trained, optimizer steps, whether the best validation epoch (the tested
+checkpoint) was the last one validated (1/0), the fit's wall time in seconds, and the early stopping
+rule (``<monitor> <mode>, patience <p>``; blank for a fixed number of epochs). Blank for a row written
+by ``dkacq test`` alone, which keeps those of the row it replaces (:func:`upsert_result`'s ``keep``)."""
+CONFIDENCE = 0.95
+"""Level of the Wilson intervals in ``test_acc_low`` and ``test_acc_high``."""
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ``successes / trials``.
+
+    ``(p + z²/2n ± z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`` with z the normal quantile of
+    ``(1 + confidence) / 2``: unlike the normal (Wald) interval it stays inside [0, 1] and keeps close
+    to its level at accuracies near 0 or 1 and for small test sets. Raises for ``trials < 1``.
+    """
+    if trials < 1:
+        raise ValueError(f"an interval needs at least one trial, got {trials}")
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in 0..{trials}, got {successes}")
+    z = NormalDist().inv_cdf((1 + confidence) / 2)
+    p, n = successes / trials, trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
+
+
+def accuracy_values(correct: torch.Tensor | np.ndarray) -> dict[str, str]:
+    """``test_acc`` and its Wilson interval (``test_acc_low``, ``test_acc_high``) from per-example
+    correctness, as the table stores them (5 decimals)."""
+    flags = np.asarray(correct).astype(bool).reshape(-1)
+    if flags.size == 0:
+        raise ValueError("no test examples: an accuracy needs at least one")
+    low, high = wilson_interval(int(flags.sum()), int(flags.size))
+    return {"test_acc": f"{flags.mean():.5f}", "test_acc_low": f"{low:.5f}", "test_acc_high": f"{high:.5f}"}
 
 
 class ResultConflictError(ValueError):
@@ -183,8 +235,12 @@ def finished_ids(path: Path) -> set[str]:
     return {row["cell_id"] for row in read_rows(path) if row.get("cell_id")}
 
 
-def upsert_result(path: Path, cell: ProbeCell, values: dict) -> None:
-    """Write the row of ``cell`` into the table, replacing an earlier row of the same identity."""
+def upsert_result(path: Path, cell: ProbeCell, values: dict, keep: tuple[str, ...] = ()) -> None:
+    """Write the row of ``cell`` into the table, replacing an earlier row of the same identity.
+
+    Columns in ``keep`` that ``values`` leaves blank keep the replaced row's values (e.g. how the fit
+    went, :data:`CONVERGENCE_COLUMNS`, when a probe is only tested again).
+    """
     new = {column: values.get(column, "") for column in RESULT_COLUMNS}
     new.update({column: getattr(cell, column) for column in CELL_KEY}, cell_id=cell.id)
     with file_lock(path):
@@ -192,6 +248,9 @@ def upsert_result(path: Path, cell: ProbeCell, values: dict) -> None:
         reason = conflict(path, rows, cell)
         if reason:
             raise ResultConflictError(reason)
+        for old in rows:
+            if old.get("cell_id") == cell.id:
+                new.update({column: old[column] for column in keep if new[column] in ("", None) and old.get(column)})
         rows = [row for row in rows if row.get("cell_id") != cell.id] + [new]
 
         def write(temporary: Path) -> None:

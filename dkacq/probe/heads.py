@@ -4,7 +4,13 @@
 contribution ``W_q q`` to the logits without ever multiplying q with a passage, so it cannot tell which
 passage matches the query; with the positive at a random position the query only shifts class priors.
 ``passage_only`` drops q to measure exactly that. ``query_aware`` scores each passage with shared
-weights from ``q * p_k`` and ``p_k``: the smallest linear probe that can compare query and passage.
+weights from ``q * p_k`` and ``p_k``: the smallest linear probe that can compare query and passage (a
+bilinear form with a diagonal matrix). ``bilinear`` scores ``(U q) . (V p_k) + w . p_k`` with ``U`` and
+``V`` of rank ``r``: a full (low-rank) bilinear form, which can compare query and passage along
+directions that are not the coordinate axes.
+
+:data:`HEADS` are the trained heads; the untrained baselines that are reported beside them are in
+:mod:`dkacq.probe.baselines` (``METHODS`` there is both).
 """
 
 from typing import Literal, get_args
@@ -12,9 +18,11 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor, nn
 
-Head = Literal["concat", "passage_only", "query_aware"]
+Head = Literal["concat", "passage_only", "query_aware", "bilinear"]
 HEADS: tuple[Head, ...] = get_args(Head)
-"""Every probe head, in the order reports show them; ``concat`` (the study's probe) first."""
+"""Every trained probe head, in the order reports show them; ``concat`` (the study's probe) first."""
+DEFAULT_RANK = 64
+"""Rank of the ``bilinear`` head's ``U`` and ``V`` unless ``rank`` says otherwise."""
 
 
 class ConcatHead(nn.Module):
@@ -45,7 +53,28 @@ class QueryAwareHead(nn.Module):
         return self.linear(features).squeeze(-1)
 
 
-def build_head(head: Head, dim: int, num_passages: int) -> nn.Module:
+class BilinearHead(nn.Module):
+    """``score_k = (U q) . (V p_k) + w . p_k``: a bilinear form of rank ``rank`` plus a passage prior,
+    shared over the N positions (a bias would be the same for every passage and cancel in the softmax)."""
+
+    def __init__(self, dim: int, num_passages: int, rank: int = DEFAULT_RANK):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        self.query_map = nn.Linear(dim, rank, bias=False)
+        self.passage_map = nn.Linear(dim, rank, bias=False)
+        self.prior = nn.Linear(dim, 1, bias=False)
+
+    def forward(self, query: Tensor, passages: Tensor) -> Tensor:
+        projected_query = self.query_map(query).unsqueeze(1)  # [B, 1, r]
+        match = (projected_query * self.passage_map(passages)).sum(-1)  # [B, N]
+        return match + self.prior(passages).squeeze(-1)
+
+
+def build_head(head: Head, dim: int, num_passages: int, rank: int = DEFAULT_RANK) -> nn.Module:
+    """The head's module; ``rank`` is read by ``bilinear`` alone."""
+    if head == "bilinear":
+        return BilinearHead(dim, num_passages, rank)
     classes = {"concat": ConcatHead, "passage_only": PassageOnlyHead, "query_aware": QueryAwareHead}
     if head not in classes:
         raise ValueError(f"unknown probe head '{head}'; choose one of {', '.join(HEADS)}")

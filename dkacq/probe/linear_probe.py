@@ -8,7 +8,7 @@ from torchmetrics import CatMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from dkacq.data.sampling import check_num_passages
-from dkacq.probe.heads import Head, build_head
+from dkacq.probe.heads import DEFAULT_RANK, Head, build_head
 
 
 class LinearProbe(LightningModule):
@@ -25,20 +25,28 @@ class LinearProbe(LightningModule):
         learning_rate: float = 1e-4,
         num_passages: int = 5,
         hidden_size: int | None = None,
+        rank: int = DEFAULT_RANK,
+        normalize: bool = False,
     ):
         """
         Args:
             head: ``concat`` (the study's probe), ``passage_only`` (concat without the query: how much
-                of the accuracy needs the query at all) or ``query_aware`` (shared weights over
-                ``q * p_k`` and ``p_k``: can compare query and passage).
+                of the accuracy needs the query at all), ``query_aware`` (shared weights over
+                ``q * p_k`` and ``p_k``: can compare query and passage) or ``bilinear``
+                (``(U q) . (V p_k) + w . p_k`` with U, V of rank ``rank``).
             learning_rate: Adam's learning rate (the study: 1e-4).
             num_passages: N, passages per example; set from the data module's ``num_passages``.
             hidden_size: vector size of the probed layer; read from the cache when not given.
+            rank: rank of the ``bilinear`` head's U and V (the other heads ignore it).
+            normalize: scale the query and every passage vector to unit L2 norm before the head (any
+                head), so that the probe sees directions only, not the layer's vector lengths.
         """
         super().__init__()
         check_num_passages(num_passages)
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
         self.save_hyperparameters()
-        self.head_module = build_head(head, hidden_size, num_passages) if hidden_size else None
+        self.head_module = build_head(head, hidden_size, num_passages, rank) if hidden_size else None
         self.accuracy = torch.nn.ModuleDict(
             {f"{split}_acc": MulticlassAccuracy(num_passages, average="micro") for split in ("train", "val", "test")}
         )
@@ -50,9 +58,13 @@ class LinearProbe(LightningModule):
     def setup(self, stage: str) -> None:
         if self.head_module is None:
             self.hparams.hidden_size = self.trainer.datamodule.hidden_size
-            self.head_module = build_head(self.hparams.head, self.hparams.hidden_size, self.hparams.num_passages)
+            self.head_module = build_head(
+                self.hparams.head, self.hparams.hidden_size, self.hparams.num_passages, self.hparams.rank
+            )
 
     def forward(self, query: Tensor, passages: Tensor) -> Tensor:
+        if self.hparams.normalize:
+            query, passages = functional.normalize(query, dim=-1), functional.normalize(passages, dim=-1)
         return self.head_module(query, passages)
 
     def _step(self, batch: dict[str, Tensor], split: str) -> tuple[Tensor, Tensor]:

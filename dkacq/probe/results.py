@@ -1,14 +1,29 @@
 """ProbeResults: after each test of a probe, its row in ``results.csv`` and its per-example outcomes,
-and in TensorBoard the cell's hyperparameters with its best validation accuracy and the run's curves."""
+and in TensorBoard the cell's hyperparameters with its best validation accuracy and the run's curves.
 
+The row also says how the fit went (``formats.results.CONVERGENCE_COLUMNS``): epochs trained, optimizer
+steps, the fit's wall time, the early stopping rule if any, and whether the tested checkpoint (the best
+validation epoch) was the last epoch validated, a sign that more epochs might have helped.
+"""
+
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from dkacq.formats.atomic import file_lock
-from dkacq.formats.results import ProbeCell, read_rows, upsert_result, write_predictions
+from dkacq.formats.results import (
+    CONVERGENCE_COLUMNS,
+    ProbeCell,
+    accuracy_values,
+    read_rows,
+    upsert_result,
+    write_predictions,
+)
 
 SUMMARY = "summary"
 """The TensorBoard run, beside the cells' runs, that holds accuracy against layer (:func:`write_summary`)."""
@@ -31,10 +46,42 @@ class ProbeResults(Callback):
         self.skip_finished = skip_finished
         self.cell: ProbeCell | None = None
         self.config_file: Path | None = None
+        self.validated_epochs: list[int] = []
+        """Epochs validated during this callback's last fit (sanity checks left out)."""
+        self.fit_record: dict[str, str] | None = None
+        """How the last fit went, as table values; None when this callback saw no fit (``dkacq test``)."""
+        self._fit_started: float | None = None
 
     @property
     def results_path(self) -> Path:
         return self.run_dir / "results.csv"
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.validated_epochs, self.fit_record, self._fit_started = [], None, time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
+            self.validated_epochs.append(trainer.current_epoch)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        seconds = time.perf_counter() - self._fit_started if self._fit_started is not None else None
+        self.fit_record = dict(
+            epochs_run=str(trainer.current_epoch),
+            optimizer_steps=str(trainer.global_step),
+            fit_seconds=f"{seconds:.2f}" if seconds is not None else "",
+            early_stopping="; ".join(
+                f"{callback.monitor} {callback.mode}, patience {callback.patience}"
+                for callback in trainer.early_stopping_callbacks
+            ),
+        )
+
+    def convergence_values(self, pl_module: LightningModule) -> dict[str, str]:
+        """The row's :data:`~dkacq.formats.results.CONVERGENCE_COLUMNS` from the fit this callback saw
+        (all blank when it saw none: the tested checkpoint then comes from an earlier run)."""
+        if self.fit_record is None:
+            return {column: "" for column in CONVERGENCE_COLUMNS}
+        last = best_is_last(self.validated_epochs, pl_module.checkpoint_epoch)
+        return {**self.fit_record, "best_is_last": "" if last is None else str(int(last))}
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -43,37 +90,27 @@ class ProbeResults(Callback):
         correct = (outcomes["prediction"] == outcomes["label"]).to(torch.uint8)
         predictions = Path("predictions") / f"{cell.name}.safetensors"
         write_predictions(self.run_dir / predictions, {"correct": correct, **outcomes}, cell.identity)
-        sizes, hparams = data.split_sizes(), data.hparams
+        hparams, probe = data.hparams, pl_module.hparams
         upsert_result(
             self.results_path,
             cell,
             dict(
                 best_epoch=pl_module.checkpoint_epoch if pl_module.checkpoint_epoch is not None else "",
                 val_acc=f"{pl_module.checkpoint_val_acc:.5f}" if pl_module.checkpoint_val_acc is not None else "",
-                test_acc=f"{correct.float().mean().item():.5f}",
-                num_train=sizes["train"],
-                num_val=sizes["val"],
-                num_test=sizes["test"],
-                preset=data.preset.name,
-                random_init=int(data.preset.random_init),
-                init_seed=data.preset.seed if data.preset.random_init else "",
+                **accuracy_values(correct),
+                **self.convergence_values(pl_module),
+                rank=probe.get("rank", "") if probe.get("head") == "bilinear" else "",
+                normalize=int(bool(probe.get("normalize", False))),
+                **setting_values(data),
                 standardize=int(hparams.standardize),
-                max_examples=hparams.max_examples or "",
                 max_epochs=trainer.max_epochs,
                 learning_rate=pl_module.hparams.learning_rate,
                 batch_size=hparams.batch_size,
-                val_fraction=hparams.val_fraction,
-                seed=hparams.seed,
                 precision=trainer.precision,
-                weights=" ".join(
-                    sorted(
-                        {identity for side in data.cache_request()["weights"].values() for identity in side.values()}
-                    )
-                ),
-                data_fingerprint=data.cache_request()["data_fingerprint"],
                 config=self.config_file.relative_to(self.run_dir).as_posix() if self.config_file else "",
                 predictions=predictions.as_posix(),
             ),
+            keep=CONVERGENCE_COLUMNS,
         )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
@@ -92,9 +129,50 @@ class ProbeResults(Callback):
         logger.log_hyperparams(params, {"hp_metric": best} if best is not None else None)
 
 
+def setting_values(data) -> dict:
+    """The table values a set-up ``ProbeDataModule`` decides: split sizes, the preset and its weights,
+    the data's fingerprint, and the data options every row shows (for probes and baselines alike)."""
+    sizes, hparams, request = data.split_sizes(), data.hparams, data.cache_request()
+    return dict(
+        num_train=sizes["train"],
+        num_val=sizes["val"],
+        num_test=sizes["test"],
+        preset=data.preset.name,
+        random_init=int(data.preset.random_init),
+        init_seed=data.preset.seed if data.preset.random_init else "",
+        max_examples=hparams.max_examples or "",
+        val_fraction=hparams.val_fraction,
+        seed=hparams.seed,
+        weights=" ".join(sorted({identity for side in request["weights"].values() for identity in side.values()})),
+        data_fingerprint=request["data_fingerprint"],
+    )
+
+
+def best_validation_epoch(history: Sequence[float], mode: str = "max") -> int:
+    """The epoch a ``ModelCheckpoint`` of this ``mode`` keeps from a history of validation values
+    (one per epoch, epoch 0 first): the first best one, since only a strict improvement replaces it."""
+    if not history:
+        raise ValueError("no validation epochs")
+    best = 0
+    for epoch, value in enumerate(history):
+        if (value > history[best]) if mode == "max" else (value < history[best]):
+            best = epoch
+    return best
+
+
+def best_is_last(validated_epochs: Sequence[int], best_epoch: int | None) -> bool | None:
+    """Whether the best validation epoch (the tested checkpoint's) is the last epoch validated: the
+    probe might still have been improving when training stopped. None when either is unknown."""
+    if best_epoch is None or not validated_epochs:
+        return None
+    return best_epoch == max(validated_epochs)
+
+
 def write_summary(results_path: Path, folder: Path) -> None:
     """Every row of the results table as TensorBoard scalars ``test_acc/<dataset>/<model>/<pooling>/N<n>/<head>``
     (and ``val_acc/...``) at step = layer: accuracy against layer, the study's curves, in TensorBoard.
+    Untrained similarity baselines are curves too; rows that are not at a layer (``layer`` < 0, the
+    query-blind shortcut of :mod:`dkacq.probe.baselines`) are left out.
 
     Written again from the whole table (under its lock) each time a row is recorded, so that it shows
     exactly what the table holds: a replaced row is not shown twice.
@@ -102,7 +180,9 @@ def write_summary(results_path: Path, folder: Path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     with file_lock(results_path):
-        rows = sorted(read_rows(results_path), key=lambda row: int(row["layer"]))
+        rows = sorted(
+            (row for row in read_rows(results_path) if int(row["layer"]) >= 0), key=lambda row: int(row["layer"])
+        )
         folder.mkdir(parents=True, exist_ok=True)
         earlier = list(folder.glob("events.out.tfevents.*"))
         writer = SummaryWriter(str(folder))

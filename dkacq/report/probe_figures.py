@@ -1,4 +1,6 @@
-"""The study's Figures 1-4, per-layer probe accuracy curves, with this project's additions."""
+"""The study's Figures 1-4, per-layer probe accuracy curves, with this project's additions: every
+method (the trained heads and the untrained similarity baselines, ``METHODS``) with its Wilson 95%
+band, and the query-blind shortcut as a level line."""
 
 import math
 from collections import defaultdict
@@ -11,30 +13,39 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from dkacq.encoders.presets import base_model_for, model_sort_key, split_control_label
-from dkacq.probe.heads import HEADS
+from dkacq.probe.baselines import METHODS, SHORTCUT
 from dkacq.report.plotting import legend_below, save_figure
 from dkacq.report.published import published_curve
-from dkacq.report.stats import ProbeResult, missing_comparison, significance_vs_base
+from dkacq.report.stats import ProbeResult, missing_comparison, per_layer, shortcut_rows, significance_vs_base
 
 
 @dataclass(frozen=True)
-class HeadStyle:
-    """How a probe head's curves are drawn: one line style per head, the colour being the model's."""
+class MethodStyle:
+    """How a method's curves are drawn: one line style per method, the colour being the model's. The
+    trained heads are solid, dash-dotted or dotted; the untrained baselines dashed and thinner."""
 
-    linestyle: str
+    linestyle: str | tuple
     legend: str
+    linewidth: float = 1.5
 
 
-HEAD_STYLES: dict[str, HeadStyle] = {
-    "concat": HeadStyle("-", "concat (the study's probe)"),
-    "passage_only": HeadStyle("-.", "passage_only (no query)"),
-    "query_aware": HeadStyle("--", "query_aware"),
+METHOD_STYLES: dict[str, MethodStyle] = {
+    "concat": MethodStyle("-", "concat (the study's probe)"),
+    "passage_only": MethodStyle("-.", "passage_only (no query)"),
+    "query_aware": MethodStyle((0, (3, 1, 1, 1, 1, 1)), "query_aware"),
+    "bilinear": MethodStyle((0, (1, 1)), "bilinear (low rank)"),
+    "similarity_cosine": MethodStyle("--", "cosine similarity (untrained)", 1.1),
+    "similarity_dot": MethodStyle((0, (7, 3)), "dot product (untrained)", 1.1),
 }
-if set(HEAD_STYLES) != set(HEADS):
-    raise RuntimeError(f"HEAD_STYLES must style exactly the probe heads {HEADS}, not {tuple(HEAD_STYLES)}")
+if set(METHOD_STYLES) != set(METHODS):
+    raise RuntimeError(f"METHOD_STYLES must style exactly the methods {METHODS}, not {tuple(METHOD_STYLES)}")
+SHORTCUT_STYLE = dict(color="0.45", linewidth=1.2, linestyle=(0, (1, 3)), zorder=0)
+"""The shortcut's level line (grey, sparse dots), beside the chance line (dark grey, dotted)."""
+BAND_ALPHA = 0.12
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,9 @@ class CurveSeries:
     significant: Mapping[int, bool] = field(default_factory=dict)
     """Layer -> Bonferroni-corrected McNemar flag against the base model, for the layers tested."""
     published: bool = False
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+    """The Wilson 95% interval at every layer (NaN where a row has none); None for a published curve."""
 
 
 def _colour_pair(model: str) -> tuple[str, bool]:
@@ -80,9 +94,10 @@ def probe_curve_series(
 
     ``base_model`` defaults to the study's base for the pooling group; significance is computed
     when that model is among the rows. With ``published_overlay``, every model's concat curve that
-    the study published for the same dataset, pooling and N is added with ``published=True``.
+    the study published for the same dataset, pooling and N is added with ``published=True``. The
+    shortcut's rows are not curves and are left out (:func:`draw_probe_curves` draws them as levels).
     """
-    rows = [row for row in rows if row.dataset == dataset and row.pooling == pooling]
+    rows = [row for row in per_layer(rows) if row.dataset == dataset and row.pooling == pooling]
     base_model = base_model or base_model_for(pooling)
     flags: dict[tuple, dict[int, bool]] = defaultdict(dict)
     if base_model:
@@ -92,7 +107,7 @@ def probe_curve_series(
     for row in rows:
         curves[row.curve_key].append(row)
     series = []
-    for key in sorted(curves, key=lambda k: (k[2], model_sort_key(k[4]), HEADS.index(k[3]))):
+    for key in sorted(curves, key=lambda k: (k[2], model_sort_key(k[4]), METHODS.index(k[3]))):
         _, _, num_passages, probe, model = key
         points = sorted(curves[key], key=lambda row: row.layer)
         series.append(
@@ -103,6 +118,8 @@ def probe_curve_series(
                 np.array([row.layer for row in points]),
                 np.array([row.test_acc for row in points]),
                 flags[key],
+                low=np.array([np.nan if row.test_acc_low is None else row.test_acc_low for row in points]),
+                high=np.array([np.nan if row.test_acc_high is None else row.test_acc_high for row in points]),
             )
         )
         if published_overlay and probe == "concat":
@@ -162,20 +179,24 @@ def draw_probe_curves(
 ) -> Figure:
     """The study's Figures 1-4 for one dataset and pooling group, with this project's additions.
 
-    One panel per N: test accuracy per layer of every model (colour) and probe head (line style), the
-    chance level 1/N, every point marked (:data:`MARKS`: filled/hollow for layers that do/do not differ
-    significantly from the base model), and the published curves as wide pale bands under ours. Where
-    no layer is compared with the base model, the title says why. Each drawn line is labelled
-    ``"<model> <probe>"``, its markers ``"<model> <probe> <mark>"`` and a published band
-    ``"<model> <probe> published"`` (the legend is built separately).
+    One panel per N: test accuracy per layer of every model (colour) and method (line style: the trained
+    heads and, dashed, the untrained similarity baselines), each with its Wilson 95% interval as a pale
+    band, the chance level 1/N, the query-blind shortcut's accuracy as a grey level line, every point
+    marked (:data:`MARKS`: filled/hollow for layers that do/do not differ significantly from the base
+    model), and the published curves as wide pale bands under ours. Where no layer is compared with the
+    base model, the title says why. Each drawn line is labelled ``"<model> <probe>"``, its markers
+    ``"<model> <probe> <mark>"``, a published band ``"<model> <probe> published"`` and a shortcut level
+    ``"<models> shortcut"`` (the legend is built separately).
     """
     base_model = base_model or base_model_for(pooling)
+    shortcuts = [row for row in shortcut_rows(rows) if row.dataset == dataset and row.pooling == pooling]
+    rows = per_layer(rows)
     series = probe_curve_series(rows, dataset, pooling, base_model, published_overlay)
     if not series:
         raise ValueError(f"no probe results for dataset '{dataset}' and pooling '{pooling}'")
     panels = sorted({s.num_passages for s in series})
     models = sorted({s.model for s in series}, key=model_sort_key)
-    heads = [head for head in HEADS if any(s.probe == head for s in series)]
+    heads = [method for method in METHODS if any(s.probe == method for s in series)]
     colours = _model_colours(models)
     tested = any(s.significant for s in series)
     reasons = panel_reasons(rows, dataset, pooling, base_model)
@@ -190,6 +211,8 @@ def draw_probe_curves(
     marks_used: set[str] = set()
     for ax, num_passages in zip(axes, panels):
         ax.axhline(1 / num_passages, color="0.3", linewidth=1, linestyle=":", zorder=0)
+        for accuracy, names in _shortcut_levels(shortcuts, num_passages):
+            ax.axhline(accuracy, label=f"{names} shortcut", **SHORTCUT_STYLE)
         for s in series:
             if s.num_passages == num_passages:
                 marks_used |= _draw_series(ax, s, colours[s.model], base_model)
@@ -217,10 +240,17 @@ def draw_probe_curves(
         (Line2D([], [], color=colours[m], linewidth=2), f"{m} (base)" if m == base_model else m) for m in models
     ]
     head_entries = [
-        (Line2D([], [], color="0.2", linestyle=HEAD_STYLES[h].linestyle, linewidth=1.5), HEAD_STYLES[h].legend)
+        (
+            Line2D([], [], color="0.2", linestyle=METHOD_STYLES[h].linestyle, linewidth=METHOD_STYLES[h].linewidth),
+            METHOD_STYLES[h].legend,
+        )
         for h in heads
     ]
     mark_entries = [(Line2D([], [], color="0.3", linewidth=1, linestyle=":"), "chance (1/N)")]
+    if any(_shortcut_levels(shortcuts, n) for n in panels):
+        mark_entries.append((Line2D([], [], **SHORTCUT_STYLE), f"{SHORTCUT} (query-blind)"))
+    if any(s.low is not None and np.isfinite(s.low).any() for s in series):
+        mark_entries.append((Patch(color="0.5", alpha=0.3, linewidth=0), "95% Wilson interval"))
     mark_entries += [
         (Line2D([], [], linestyle="none", color="0.2", **style), text)
         for mark, (style, text) in MARKS.items()
@@ -228,9 +258,7 @@ def draw_probe_curves(
     ]
     if any(s.published for s in series):
         mark_entries.append((Line2D([], [], color="0.5", linewidth=6, alpha=0.35), "published (the study, concat)"))
-    legend_below(
-        figure, [("model (colour)", model_entries), ("probe head (line)", head_entries), ("marks", mark_entries)]
-    )
+    legend_below(figure, [("model (colour)", model_entries), ("method (line)", head_entries), ("marks", mark_entries)])
     return figure
 
 
@@ -249,8 +277,19 @@ def plot_probe_curves(
     )
 
 
+def _shortcut_levels(shortcuts: Sequence[ProbeResult], num_passages: int) -> list[tuple[float, str]]:
+    """(accuracy, the models whose setting gave it) of each distinct shortcut accuracy at N: settings
+    on the same examples share one."""
+    levels: dict[float, list[str]] = defaultdict(list)
+    for row in shortcuts:
+        if row.num_passages == num_passages:
+            levels[row.test_acc].append(row.model)
+    return [(acc, ", ".join(sorted(models, key=model_sort_key))) for acc, models in sorted(levels.items())]
+
+
 def _draw_series(ax: Axes, s: CurveSeries, colour: tuple, base_model: str | None) -> set[str]:
-    """A published curve as a wide pale band; ours as a line with every point marked. Returns the marks used."""
+    """A published curve as a wide pale band; ours as a line over its interval band, with every point
+    marked. Returns the marks used."""
     name = f"{s.model} {s.probe}"
     if s.published:
         ax.plot(
@@ -265,9 +304,15 @@ def _draw_series(ax: Axes, s: CurveSeries, colour: tuple, base_model: str | None
             label=f"{name} published",
         )
         return set()
-    ax.plot(
-        s.layers, s.acc, color=colour, linestyle=HEAD_STYLES[s.probe].linestyle, linewidth=1.5, zorder=2, label=name
-    )
+    style = METHOD_STYLES[s.probe]
+    if s.low is not None and s.high is not None and np.isfinite(s.low).any():
+        if len(s.layers) == 1:  # a band over one layer has no width: a bar instead
+            ax.vlines(s.layers, s.low, s.high, color=colour, alpha=3 * BAND_ALPHA, linewidth=4, zorder=1)
+        else:
+            ax.fill_between(
+                s.layers, s.low, s.high, color=colour, alpha=BAND_ALPHA, linewidth=0, zorder=1, label=f"{name} 95% CI"
+            )
+    ax.plot(s.layers, s.acc, color=colour, linestyle=style.linestyle, linewidth=style.linewidth, zorder=2, label=name)
     used = set()
     for mark, where in point_marks(s, base_model).items():
         if where.any():

@@ -4,6 +4,9 @@ The published code compares a model's per-example 0/1 correctness with the base 
 independent-samples t-test. Both models answer the same test examples (same passage draws), so the
 outcomes are paired and McNemar's exact test is the right one: under the null hypothesis the
 discordant pairs split 50/50 between the two models.
+
+Every accuracy carries its Wilson 95% interval (:func:`wilson_interval`), read from the table or, for
+tables written before it had the columns, computed from ``test_acc`` and ``num_test``.
 """
 
 from collections import defaultdict
@@ -15,8 +18,11 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binom
 
-from dkacq.formats.results import read_correct, read_rows
+from dkacq.formats.results import read_correct, read_rows, wilson_interval
+from dkacq.probe.baselines import METHODS, SHORTCUT
 from dkacq.probe.heads import HEADS
+
+__all__ = ["wilson_interval"]  # re-exported: the report's interval is the table's
 
 
 @dataclass(frozen=True)
@@ -29,13 +35,41 @@ class ProbeResult:
     num_passages: int
     layer: int
     probe: str
-    best_epoch: int
-    val_acc: float
+    best_epoch: int | None
+    """The tested checkpoint's epoch (0 first); None for an untrained baseline."""
+    val_acc: float | None
     test_acc: float
     predictions: Path | None
     """Absolute path of the safetensors file with the per-example outcomes, if the row has one."""
     num_train: int = 0
     num_test: int = 0
+    test_acc_low: float | None = None
+    test_acc_high: float | None = None
+    """The Wilson 95% interval of ``test_acc``; None when the row states neither it nor ``num_test``."""
+    max_epochs: int | None = None
+    epochs_run: int | None = None
+    optimizer_steps: int | None = None
+    best_is_last: bool | None = None
+    """Whether the tested checkpoint was the last epoch validated; None where the row does not say."""
+    fit_seconds: float | None = None
+    early_stopping: str = ""
+    cell_id: str = ""
+
+    @property
+    def trained(self) -> bool:
+        """A fitted probe head (not an untrained baseline)."""
+        return self.probe in HEADS
+
+    @property
+    def fitting(self) -> str:
+        """How a trained probe was fitted, in words ("30 epochs", "early stopping on val/loss min, patience
+        10, at most 300 epochs"); "" for a baseline or a table that does not say. Rows of one fitting
+        are one *mode* of the report; the baselines belong to every mode."""
+        if not self.trained or self.max_epochs is None:
+            return ""
+        if self.early_stopping:
+            return f"early stopping on {self.early_stopping}, at most {self.max_epochs} epochs"
+        return f"{self.max_epochs} epochs"
 
     @property
     def curve_key(self) -> tuple[str, str, int, str, str]:
@@ -76,6 +110,11 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
             raise FileNotFoundError(f"{path}: no such results table")
         for record in read_rows(path):
             predictions = record["predictions"].strip()
+            test_acc, num_test = float(record["test_acc"]), int(record.get("num_test") or 0)
+            low, high = _optional(record, "test_acc_low", float), _optional(record, "test_acc_high", float)
+            if (low is None or high is None) and num_test:
+                low, high = wilson_interval(round(test_acc * num_test), num_test)
+            last = _optional(record, "best_is_last", int)
             rows.append(
                 ProbeResult(
                     dataset=record["dataset"],
@@ -84,23 +123,62 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
                     num_passages=int(record["num_passages"]),
                     layer=int(record["layer"]),
                     probe=record["probe"],
-                    best_epoch=int(record["best_epoch"]),
-                    val_acc=float(record["val_acc"]),
-                    test_acc=float(record["test_acc"]),
+                    best_epoch=_optional(record, "best_epoch", int),
+                    val_acc=_optional(record, "val_acc", float),
+                    test_acc=test_acc,
                     num_train=int(record.get("num_train") or 0),
-                    num_test=int(record.get("num_test") or 0),
+                    num_test=num_test,
                     predictions=(path.parent / predictions).resolve() if predictions else None,
+                    test_acc_low=low,
+                    test_acc_high=high,
+                    max_epochs=_optional(record, "max_epochs", int),
+                    epochs_run=_optional(record, "epochs_run", int),
+                    optimizer_steps=_optional(record, "optimizer_steps", int),
+                    best_is_last=None if last is None else bool(last),
+                    fit_seconds=_optional(record, "fit_seconds", float),
+                    early_stopping=(record.get("early_stopping") or "").strip(),
+                    cell_id=(record.get("cell_id") or "").strip(),
                 )
             )
+    known = (*METHODS, SHORTCUT)
     seen: set[tuple] = set()
+    ids: set[str] = set()
+    kept: list[ProbeResult] = []
     for row in rows:
-        if row.probe not in HEADS:
-            raise ValueError(f"unknown probe head '{row.probe}'; expected one of {', '.join(HEADS)}")
-        key = (*row.curve_key, row.layer)
+        if row.probe not in known:
+            raise ValueError(f"unknown probe head '{row.probe}'; expected one of {', '.join(known)}")
+        if row.cell_id and row.cell_id in ids:
+            continue  # the same cell from the same settings in two tables (e.g. a baseline of two runs)
+        key = (*row.curve_key, row.layer, row.fitting)
         if key in seen:
-            raise ValueError(f"more than one results row for {key}")
+            raise ValueError(f"more than one results row for {key[:-1]}" + (f" ({key[-1]})" if key[-1] else ""))
         seen.add(key)
-    return rows
+        ids.add(row.cell_id)
+        kept.append(row)
+    return kept
+
+
+def _optional(record: dict[str, str], column: str, kind):
+    """A column's value as ``kind``, or None when the table lacks the column or leaves it blank."""
+    text = (record.get(column) or "").strip()
+    return kind(text) if text else None
+
+
+def per_layer(rows: Iterable[ProbeResult]) -> list[ProbeResult]:
+    """The rows that are points of per-layer curves: every method but the shortcut (which is not at a layer)."""
+    return [row for row in rows if row.probe != SHORTCUT]
+
+
+def shortcut_rows(rows: Iterable[ProbeResult]) -> list[ProbeResult]:
+    """The query-blind shortcut's rows (one per setting and N)."""
+    return [row for row in rows if row.probe == SHORTCUT]
+
+
+def interval(row: ProbeResult) -> tuple[float, float] | None:
+    """The row's Wilson 95% interval, if known."""
+    if row.test_acc_low is None or row.test_acc_high is None:
+        return None
+    return row.test_acc_low, row.test_acc_high
 
 
 def has_outcomes(row: ProbeResult) -> bool:
@@ -118,6 +196,7 @@ def missing_comparison(results: Sequence[ProbeResult], base_model: str | None) -
     """
     if not base_model:
         return "no base model to compare with"
+    results = per_layer(results)
     base = [row for row in results if row.model == base_model]
     others = [row for row in results if row.model != base_model]
     if not base:
@@ -183,10 +262,11 @@ def significance_vs_base(results: Sequence[ProbeResult], base_model: str, alpha:
     Curves are compared within one (dataset, pooling, N, probe head); a layer counts where both the
     model and the base have outcome files (:func:`has_outcomes`); :func:`missing_comparison` says why
     there is none. The Bonferroni family of a curve is its compared layers.
-    Groups without the base model give nothing.
+    Groups without the base model give nothing. The shortcut (not at a layer) is never compared. Rows
+    of one fitting mode are expected (:attr:`ProbeResult.fitting`): give each mode's rows separately.
     """
     curves: dict[tuple, dict[int, ProbeResult]] = defaultdict(dict)
-    for row in results:
+    for row in per_layer(results):
         if has_outcomes(row):
             curves[row.curve_key][row.layer] = row
     significance: list[Significance] = []

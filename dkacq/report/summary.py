@@ -2,6 +2,7 @@
 
 import csv
 import re
+import statistics
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 from dkacq.encoders.presets import backbone_of, base_model_for, control_label, model_sort_key
 from dkacq.formats.atomic import atomic_write
 from dkacq.formats.counts import SIDES, AttributionRun
+from dkacq.probe.baselines import METHODS, SHORTCUT
 from dkacq.probe.heads import HEADS
 from dkacq.report.attribution_figures import (
     plot_active_fraction_vs_threshold,
@@ -16,10 +18,21 @@ from dkacq.report.attribution_figures import (
     plot_attribution_heatmaps,
     run_title,
 )
+from dkacq.report.attribution_stats import claim_table, module_share_table, share_change_table
 from dkacq.report.plotting import FIGURE_FORMATS
 from dkacq.report.probe_figures import plot_probe_curves
 from dkacq.report.published import PublishedDifference, compare_with_published
-from dkacq.report.stats import ProbeResult, read_results, significance_vs_base
+from dkacq.report.stats import (
+    ProbeResult,
+    has_outcomes,
+    interval,
+    load_correct,
+    mcnemar_exact,
+    per_layer,
+    read_results,
+    shortcut_rows,
+    significance_vs_base,
+)
 
 MISSING = "–"
 
@@ -32,6 +45,18 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
 
 def _acc(value: float) -> str:
     return f"{value:.4f}"
+
+
+def _ci(row: ProbeResult) -> str:
+    """The row's Wilson 95% interval, ``[low, high]``."""
+    bounds = interval(row)
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]" if bounds else MISSING
+
+
+def _acc_ci(row: ProbeResult) -> str:
+    """Accuracy and its Wilson 95% interval in one cell: ``0.6090 [0.5668, 0.6497]``."""
+    bounds = interval(row)
+    return f"{_acc(row.test_acc)} {_ci(row)}" if bounds else _acc(row.test_acc)
 
 
 def _slug(text: str) -> str:
@@ -52,7 +77,7 @@ def _curves(rows: Iterable[ProbeResult]) -> list[list[ProbeResult]]:
     curves: dict[tuple, list[ProbeResult]] = defaultdict(list)
     for row in rows:
         curves[row.curve_key].append(row)
-    order = sorted(curves, key=lambda k: (k[0], k[1], model_sort_key(k[4]), k[2], HEADS.index(k[3])))
+    order = sorted(curves, key=lambda k: (k[0], k[1], model_sort_key(k[4]), k[2], METHODS.index(k[3])))
     return [sorted(curves[key], key=lambda row: row.layer) for key in order]
 
 
@@ -67,7 +92,7 @@ def _sizes(points: Sequence[ProbeResult]) -> str:
     return ", ".join(f"{train:,} / {test:,}" for train, test in sizes)
 
 
-def _accuracy_table(curves: list[list[ProbeResult]], versus_base: Mapping[tuple, str]) -> str:
+def _accuracy_table(curves: list[list[ProbeResult]], versus_base: Mapping[tuple, str], title: str = "") -> str:
     rows = []
     for points in curves:
         first, last, best = points[0], points[-1], _best(points)
@@ -82,17 +107,20 @@ def _accuracy_table(curves: list[list[ProbeResult]], versus_base: Mapping[tuple,
                 len(points),
                 last.layer,
                 _acc(last.test_acc),
+                _ci(last),
                 best.layer,
                 _acc(best.test_acc),
+                _ci(best),
                 versus_base.get(first.curve_key, MISSING),
             ]
         )
     return (
-        "### Accuracy per probe\n\n"
-        "Test accuracy of the probe at the last layer and at its best layer. *Train / test*: examples the "
-        "probes were trained on and tested on. *Layers ≠ base*: layers whose "
+        f"### Accuracy per probe{title}\n\n"
+        "Test accuracy of the probe at the last layer and at its best layer, with Wilson 95% intervals. "
+        "*Train / test*: examples the probes were trained on and tested on. *Layers ≠ base*: layers whose "
         "outcomes differ from the base model's (McNemar exact test, Bonferroni over the compared layers, "
-        "alpha 0.05) out of the layers compared.\n\n"
+        "alpha 0.05) out of the layers compared. The `similarity_*` rows are untrained: the layer's own "
+        "cosine or dot product of query and passage vectors picks the passage.\n\n"
         + _table(
             [
                 "dataset",
@@ -104,8 +132,10 @@ def _accuracy_table(curves: list[list[ProbeResult]], versus_base: Mapping[tuple,
                 "layers",
                 "last layer",
                 "last-layer acc",
+                "last-layer 95% CI",
                 "best layer",
                 "best acc",
+                "best 95% CI",
                 "layers ≠ base",
             ],
             rows,
@@ -113,19 +143,24 @@ def _accuracy_table(curves: list[list[ProbeResult]], versus_base: Mapping[tuple,
     )
 
 
-def _head_table(curves: list[list[ProbeResult]]) -> str:
+def _head_table(curves: list[list[ProbeResult]], title: str = "") -> str:
     heads: dict[tuple, dict[str, list[ProbeResult]]] = defaultdict(dict)
     for points in curves:
         first = points[0]
         heads[(first.dataset, first.pooling, first.model, first.num_passages)][first.probe] = points
+    shown = [method for method in METHODS if any(method in by_head for by_head in heads.values())]
 
     def cells(by_head: dict[str, list[ProbeResult]], pick) -> list[str]:
-        return [_acc(pick(by_head[head]).test_acc) if head in by_head else MISSING for head in HEADS]
+        return [_acc_ci(pick(by_head[method])) if method in by_head else MISSING for method in shown]
 
     return (
-        "### Probe heads\n\n"
+        f"### Probe heads and baselines{title}\n\n"
+        "Test accuracy with its Wilson 95% interval, at the last layer and at each method's best layer. "
         "`concat` is the study's probe; `passage_only` is the same probe without the query (what passage "
-        "cues alone give); `query_aware` scores each passage with the query (shared weights).\n\n"
+        "cues alone give); `query_aware` scores each passage with the query (shared weights over "
+        "`q * p_k` and `p_k`); `bilinear` scores `(U q) . (V p_k) + w . p_k` with U, V of low rank. "
+        "`similarity_cosine` and `similarity_dot` are not trained: the passage most similar to the "
+        "query at that layer is picked.\n\n"
         + _table(
             [
                 "dataset",
@@ -133,8 +168,8 @@ def _head_table(curves: list[list[ProbeResult]]) -> str:
                 "model",
                 "N",
                 "chance",
-                *(f"{h} (last)" for h in HEADS),
-                *(f"{h} (best)" for h in HEADS),
+                *(f"{h} (last)" for h in shown),
+                *(f"{h} (best)" for h in shown),
             ],
             [
                 [*key, _acc(1 / key[3]), *cells(by_head, lambda p: p[-1]), *cells(by_head, _best)]
@@ -144,12 +179,89 @@ def _head_table(curves: list[list[ProbeResult]]) -> str:
     )
 
 
-def _published_section(rows: list[ProbeResult], out_dir: Path) -> str | None:
+def _shortcut_section(rows: list[ProbeResult]) -> str | None:
+    """Per data set and N, the query-blind shortcut's accuracy (settings on the same examples share a row)."""
+    shortcuts = shortcut_rows(rows)
+    if not shortcuts:
+        return None
+    groups: dict[tuple, list[ProbeResult]] = defaultdict(list)
+    for row in shortcuts:
+        groups[(row.dataset, row.num_passages, row.num_train, row.num_test, row.test_acc)].append(row)
+    table_rows = []
+    for (dataset, n, train, test, _), group in sorted(groups.items()):
+        first = group[0]
+        settings = ", ".join(sorted({f"{row.model} ({row.pooling})" for row in group}, key=model_sort_key))
+        table_rows.append(
+            [dataset, n, f"{train:,} / {test:,}", _acc(1 / n), _acc(first.test_acc), _ci(first), settings]
+        )
+    return (
+        f"### Query-blind shortcut ({SHORTCUT})\n\n"
+        "No vectors and no query: on each test item, pick the shown passage that occurs least often as a "
+        "negative in the training split (ties: the first such position). Where this beats chance, "
+        "passages recur as negatives and a probe that never compares query and passage (`concat`, "
+        "`passage_only`) can beat chance by recognising them; a query-blind curve near this level is "
+        "explained by it.\n\n"
+        + _table(["dataset", "N", "train / test", "chance", "shortcut acc", "95% CI", "settings"], table_rows)
+    )
+
+
+def _convergence_section(rows: list[ProbeResult], title: str = "") -> str | None:
+    """The trained cells whose tested checkpoint was their last validated epoch."""
+    recorded = [row for row in rows if row.trained and row.best_is_last is not None]
+    if not recorded:
+        return None
+    last = sorted(
+        (row for row in recorded if row.best_is_last),
+        key=lambda r: (r.dataset, r.pooling, model_sort_key(r.model), r.num_passages, METHODS.index(r.probe), r.layer),
+    )
+    text = (
+        f"### Cells whose best epoch was the last{title}\n\n"
+        f"{len(last)} of {len(recorded)} fitted probes were best at the last epoch validated: they may "
+        "still have been improving when training stopped."
+    )
+    if not last:
+        return text
+    return (
+        text
+        + "\n\n"
+        + _table(
+            [
+                "dataset",
+                "pooling",
+                "model",
+                "N",
+                "probe",
+                "layer",
+                "best epoch",
+                "epochs run",
+                "max epochs",
+                "test acc",
+            ],
+            [
+                [
+                    r.dataset,
+                    r.pooling,
+                    r.model,
+                    r.num_passages,
+                    r.probe,
+                    r.layer,
+                    MISSING if r.best_epoch is None else r.best_epoch,
+                    MISSING if r.epochs_run is None else r.epochs_run,
+                    MISSING if r.max_epochs is None else r.max_epochs,
+                    _acc_ci(r),
+                ]
+                for r in last
+            ],
+        )
+    )
+
+
+def _published_section(rows: list[ProbeResult], out_dir: Path, title: str = "", suffix: str = "") -> str | None:
     """The differences from the published curves: a summary table here, every cell in a CSV file."""
-    differences = compare_with_published(rows)
+    differences = compare_with_published(per_layer(rows))
     if not differences:
         return None
-    name = "published_differences.csv"
+    name = f"published_differences{suffix}.csv"
 
     def write(temporary: Path) -> None:
         with temporary.open("w", newline="") as handle:
@@ -190,7 +302,7 @@ def _published_section(rows: list[ProbeResult], out_dir: Path) -> str | None:
             ]
         )
     return (
-        "### Differences from the published accuracies\n\n"
+        f"### Differences from the published accuracies{title}\n\n"
         "Concat probe, ours minus the study's (Figures 1-4), over the layers both have; *last layer* is "
         f"the last such layer. Every cell: [{name}]({name}).\n\n"
         + _table(
@@ -218,16 +330,21 @@ def _probe_sections(
     base_models: Mapping[str, str] | None,
     published_overlay: bool,
     figure_format: str,
+    mode: str | None = None,
 ) -> list[str]:
-    sections = ["## Linear probes"]
+    """The sections of one fitting mode's rows (all rows when there is one mode: ``mode`` None)."""
+    title = f" ({mode})" if mode else ""
+    suffix = f"_{_slug(mode)}" if mode else ""
+    sections = [f"## Linear probes{': ' + mode if mode else ''}"]
     versus_base: dict[tuple, str] = {}
-    for dataset, pooling in sorted({(row.dataset, row.pooling) for row in rows}):
+    for dataset, pooling in sorted({(row.dataset, row.pooling) for row in per_layer(rows)}):
         group = [row for row in rows if (row.dataset, row.pooling) == (dataset, pooling)]
         base = base_model_for(pooling, base_models)
-        name = f"probe_{_slug(dataset)}_{_slug(pooling)}.{figure_format}"
+        name = f"probe_{_slug(dataset)}_{_slug(pooling)}{suffix}.{figure_format}"
         plot_probe_curves(group, out_dir / name, dataset, pooling, base, published_overlay, figure_format)
         sections.append(
-            f"### {dataset}, {pooling} pooling\n\n" + _figure_link(f"probe accuracy, {dataset}, {pooling}", name)
+            f"### {dataset}, {pooling} pooling{title}\n\n"
+            + _figure_link(f"probe accuracy, {dataset}, {pooling}{title}", name)
         )
         if base:
             flags: dict[tuple, list[bool]] = defaultdict(list)
@@ -235,9 +352,119 @@ def _probe_sections(
                 flags[result.curve_key].append(result.significant)
             versus_base |= {key: f"{sum(f)}/{len(f)}" for key, f in flags.items()}
             versus_base |= {row.curve_key: "base" for row in group if row.model == base}
-    curves = _curves(rows)
-    published = _published_section(rows, out_dir)
-    return [*sections, _accuracy_table(curves, versus_base), _head_table(curves), *([published] if published else [])]
+    curves = _curves(per_layer(rows))
+    extra = [
+        _published_section(rows, out_dir, title, suffix),
+        _shortcut_section(rows) if not mode else None,
+        _convergence_section(rows, title),
+    ]
+    return [
+        *sections,
+        _accuracy_table(curves, versus_base, title),
+        _head_table(curves, title),
+        *(section for section in extra if section),
+    ]
+
+
+def fitting_modes(rows: Sequence[ProbeResult]) -> list[str]:
+    """The distinct fittings of the trained rows (:attr:`ProbeResult.fitting`), fewest epochs first."""
+    modes = {row.fitting for row in rows if row.trained}
+    return sorted(modes, key=lambda mode: (bool("early stopping" in mode), len(mode), mode))
+
+
+def _mode_rows(rows: Sequence[ProbeResult], mode: str) -> list[ProbeResult]:
+    """One mode's trained rows with every untrained row (baselines belong to every mode)."""
+    return [row for row in rows if not row.trained or row.fitting == mode]
+
+
+def _verdict(head: str, a: ProbeResult, b: ProbeResult, alpha: float = 0.05) -> tuple[str, str]:
+    """(p-value, verdict) of head ``a`` against concat ``b`` on the same test items (McNemar)."""
+    if not (has_outcomes(a) and has_outcomes(b)):
+        sign = "higher" if a.test_acc > b.test_acc else "lower" if a.test_acc < b.test_acc else "equal"
+        return MISSING, f"{head} {sign} (not tested)"
+    p_value = mcnemar_exact(load_correct(a.predictions), load_correct(b.predictions))
+    if p_value >= alpha:
+        return f"{p_value:.3g}", "no significant difference"
+    return f"{p_value:.3g}", f"{head} better" if a.test_acc > b.test_acc else "concat better"
+
+
+def _modes_section(rows: list[ProbeResult], modes: list[str]) -> str:
+    """The fitting modes side by side: how each fit went, and whether each head's comparison with
+    concat at the last layer reaches the same conclusion in every mode."""
+    summary = []
+    for mode in modes:
+        trained = [row for row in rows if row.trained and row.fitting == mode]
+        recorded = [row for row in trained if row.best_is_last is not None]
+        epochs = [row.epochs_run for row in trained if row.epochs_run is not None]
+        steps = [row.optimizer_steps for row in trained if row.optimizer_steps is not None]
+        seconds = [row.fit_seconds for row in trained if row.fit_seconds is not None]
+        summary.append(
+            [
+                mode or "not recorded",
+                len(trained),
+                f"{sum(row.best_is_last for row in recorded)}/{len(recorded)}" if recorded else MISSING,
+                f"{statistics.median(epochs):g}" if epochs else MISSING,
+                f"{statistics.median(steps):g}" if steps else MISSING,
+                f"{sum(seconds):.0f}" if seconds else MISSING,
+            ]
+        )
+    by_cell: dict[tuple, dict[str, dict[str, dict[int, ProbeResult]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict))
+    )
+    for row in rows:
+        if row.trained:
+            by_cell[(row.dataset, row.pooling, row.model, row.num_passages)][row.fitting][row.probe][row.layer] = row
+    comparisons, changed = [], []
+    for key in sorted(by_cell, key=lambda k: (k[0], k[1], model_sort_key(k[2]), k[3])):
+        by_mode = by_cell[key]
+        if any(mode not in by_mode or "concat" not in by_mode[mode] for mode in modes):
+            continue
+        for head in HEADS[1:]:
+            if any(head not in by_mode[mode] for mode in modes):
+                continue
+            layers = set.intersection(*(set(by_mode[mode][head]) & set(by_mode[mode]["concat"]) for mode in modes))
+            if not layers:
+                continue
+            layer = max(layers)
+            verdicts = []
+            cells = []
+            for mode in modes:
+                a, b = by_mode[mode][head][layer], by_mode[mode]["concat"][layer]
+                p_value, verdict = _verdict(head, a, b)
+                verdicts.append(verdict)
+                cells += [f"{_acc(a.test_acc)} vs {_acc(b.test_acc)}", p_value, verdict]
+            same = len(set(verdicts)) == 1
+            comparisons.append([*key, f"{head} vs concat", layer, *cells, "no" if same else "**yes**"])
+            if not same:
+                changed.append(f"{key[2]} N={key[3]} {head} vs concat at layer {layer}")
+    text = (
+        "## Fitting modes compared\n\n"
+        "The same settings fitted in each mode; untrained baselines are shared. *Best = last*: fitted "
+        "probes whose best validation epoch was the last one validated.\n\n"
+        + _table(
+            ["mode", "fitted probes", "best = last", "median epochs run", "median optimizer steps", "fit time (s)"],
+            summary,
+        )
+    )
+    if not comparisons:
+        return text + "\n\nNo setting was fitted in every mode with concat and another head: nothing to compare."
+    verdict = (
+        f"The conclusions change in {len(changed)} of {len(comparisons)} comparisons: " + "; ".join(changed) + "."
+        if changed
+        else f"The conclusions are the same in every mode ({len(comparisons)} comparisons)."
+    )
+    header = ["dataset", "pooling", "model", "N", "comparison", "layer"]
+    for mode in modes:
+        header += [f"acc ({mode})", f"p ({mode})", f"verdict ({mode})"]
+    return (
+        text + "\n\n### Head against concat at the last layer, per mode\n\n"
+        "Each head against `concat` at the last layer both probed, in every mode: accuracies, the "
+        "McNemar exact p-value on the shared test items, and the verdict at alpha 0.05 (one test per "
+        "comparison, uncorrected). *Changes*: whether the verdicts differ between modes.\n\n"
+        + _table([*header, "changes"], comparisons)
+        + "\n\n"
+        + verdict
+    )
 
 
 def _comparison_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
@@ -299,6 +526,16 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path, figure_form
         + "\n\nRun folders: "
         + ", ".join(f"`{slug}` = `{run.run_dir}`" for slug, run in zip(slugs, runs)),
     ]
+    for title, (header, table_rows) in (
+        ("The paper's claims, measured", claim_table(runs)),
+        (
+            "Fine-tuned against backbone, per layer (paired over texts; * Bonferroni over layers)",
+            share_change_table(runs),
+        ),
+        ("Active share per layer, 95% bootstrap interval over texts", module_share_table(runs)),
+    ):
+        if table_rows:
+            sections.append(f"### {title}\n\n" + _table(header, table_rows))
     name = f"active_fraction_vs_threshold.{figure_format}"
     plot_active_fraction_vs_threshold([run.run_dir for run in runs], out_dir / name, figure_format)
     sections.append(
@@ -335,7 +572,12 @@ def write_report(
     ``base_models`` maps a pooling name to the model that the group's models are tested against,
     overriding the study's (bert-base-uncased for cls and mean, llama for eos); e.g.
     ``{"mean": "minilm-random"}`` for the demo. Figures are saved as ``figure_format`` (png, pdf or
-    svg) and report.md links those files. Every file is written under a temporary name and renamed
+    svg) and report.md links those files.
+
+    Rows of trained probes fitted in different ways (:attr:`ProbeResult.fitting`: e.g. a table of 30
+    epochs and one of early stopping, for the same settings) are reported as modes: each mode's figures
+    and tables (the untrained baselines in every one), then the modes compared (how each fit went, and
+    whether each head's verdict against concat at the last layer is the same in every mode). Every file is written under a temporary name and renamed
     when complete. Returns the path of ``report.md``. Raises ``ValueError`` when there is no input.
     """
     if not results_csvs and not attribution_dirs:
@@ -350,8 +592,17 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = [*results_csvs, *attribution_dirs]
     sections = ["# dkacq report", "Inputs: " + ", ".join(f"`{path}`" for path in inputs)]
-    if rows:
+    modes = fitting_modes(rows)
+    if rows and len(modes) <= 1:
         sections += _probe_sections(rows, out_dir, base_models, published_overlay, figure_format)
+    elif rows:
+        for mode in modes:
+            mode_rows = _mode_rows(rows, mode)
+            sections += _probe_sections(
+                mode_rows, out_dir, base_models, published_overlay, figure_format, mode or "not recorded"
+            )
+        shortcut = _shortcut_section(rows)
+        sections += [*([shortcut] if shortcut else []), _modes_section(rows, modes)]
     if runs:
         sections += _attribution_sections(runs, out_dir, figure_format)
     text = "\n\n".join(sections) + "\n"
