@@ -11,6 +11,7 @@ import re
 import sys
 import warnings
 
+from lightning.fabric.utilities.rank_zero import _get_rank
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm, convert_inf
 from lightning.pytorch.utilities.rank_zero import rank_zero_module, rank_zero_only
@@ -114,6 +115,9 @@ def quiet(new_command: bool = False) -> None:
     """
     if new_command:
         FILTER.reset()
+        # The rank a command starts with is the launcher's (0 unless a DDP launcher, srun or torchrun
+        # started this process); a trainer of an earlier command in this process may have left another.
+        rank_zero_only.rank = _get_rank() or 0
     loggers = {logging.getLogger(name) for name in LIBRARY_LOGGERS} | {rank_zero_module.log}
     for logger in loggers:
         if FILTER not in logger.filters:
