@@ -9,7 +9,8 @@ from lightning.pytorch import Trainer
 from safetensors.torch import load_file
 
 from dkacq.attribution.module import AttributionModule
-from dkacq.cli import main
+from dkacq.cli import console, main
+from dkacq.commands import attribute
 from dkacq.data.examples import ProbeDataError
 from dkacq.datamodules.texts import TextDataModule
 from dkacq.formats.counts import AttributionRun, text_key
@@ -26,8 +27,64 @@ def test_repllama_resolves_offline(capsys):
     assert encoder["pooling"] == "eos"
     assert config["model"]["kinds"] == ["gate_proj", "down_proj"]
     assert config["model"]["thresholds"] == [0.01]
-    assert config["trainer"]["precision"] == "bf16-true"
+    assert config["model"]["encoder"]["attribution_precision"] == "bf16-true"
+    assert config["trainer"]["precision"] is None  # not given: the encoder's, when the trainer is built
     assert config["trainer"]["inference_mode"] is False
+
+
+def _cli(args: list[str]) -> attribute.AttributionCLI:
+    return attribute.build(args)
+
+
+def test_a_preset_name_in_a_config_file_is_the_preset(tmp_path):
+    """``model: NAME`` in a config file never passes through the command line: the parser resolves it."""
+    config = tmp_path / "attribute.yaml"
+    config.write_text("model: repllama\ndata: {max_examples: 5}\n")
+    cli = _cli(["--config", str(config), "--model.steps", "7"])
+    assert cli.model.preset.name == "repllama"
+    assert cli.model.preset.query.lora_adapter == "castorini/repllama-v1-7b-lora-passage"
+    assert cli.model.kinds == ["gate_proj", "down_proj"]
+    assert cli.model.hparams.steps == 7
+    assert cli.trainer.precision == "bf16-true"  # the study ran the 7B models in bf16
+    assert cli.datamodule.hparams.max_examples == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--model", "llama", "--trainer.precision", "32-true"],
+        ["--trainer.precision", "32-true", "--model", "llama"],
+        ["--model=llama-random-seed3", "--trainer.precision=32-true"],
+    ],
+)
+def test_a_given_precision_wins_over_the_presets_in_any_order(args):
+    cli = _cli(args)
+    assert cli.trainer.precision == "32-true"
+    assert cli.model.preset.pooling == "eos"
+
+
+def test_a_control_name_gives_its_seed():
+    cli = _cli(["--model", "minilm-random-seed2"])
+    assert (cli.model.preset.random_init, cli.model.preset.seed) == (True, 2)
+    assert cli.model.preset.label == "minilm-random-seed2"
+    assert cli.trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize("name", ["repllma", "minilm-randm", "nopreset-random"])
+def test_an_unknown_preset_is_refused_by_name(name, capsys):
+    with pytest.raises(SystemExit) as done:
+        console(["attribute", "--model", name, "--print_config"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and "unknown preset '" in err[0] and "repllama" in err[0], err
+
+
+def test_a_config_file_or_mapping_is_still_a_config(tmp_path):
+    config = tmp_path / "model.yaml"
+    config.write_text("encoder: {name: mine, label: mine, query: {model: /m}, passage: {model: /m}, pooling: cls}\n")
+    assert _cli(["--model", str(config)]).model.preset.name == "mine"
+    mapping = '{"encoder": {"name": "x", "label": "x", "query": {"model": "/m"}, "passage": {"model": "/m"}, "pooling": "mean"}}'
+    assert _cli(["--model", mapping]).model.preset.pooling == "mean"
 
 
 @pytest.mark.parametrize(

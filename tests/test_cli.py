@@ -157,3 +157,11 @@ def test_print_config_shows_every_option_with_its_help(capsys):
     assert "scale every dimension of the query and passage vectors" in printed
     assert "Probe heads to run, each on every layer" in printed
     assert "leave out cells that ``results.csv`` holds from the same settings" in printed
+
+
+def test_an_unknown_encoder_is_refused_when_parsed(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--data.encoder", "minlm", "--print_config"])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert 'Parser key "data.encoder"' in err and "Got value: minlm" in err and "'repllama'" in err

@@ -147,3 +147,31 @@ def test_a_sweep_rerun_with_other_settings_is_refused_before_any_work(
     assert results.read_bytes() == before
     assert (tmp_path / "study" / "attribution" / "tiny" / "counts.safetensors").read_bytes() == counts
     assert sorted(path.name for path in (tmp_path / "cache" / "toy").iterdir()) == caches
+
+
+def test_two_settings_of_one_cell_are_refused_before_any_work(tmp_path, tiny_bert_dir, probe_files, monkeypatch):
+    """Two settings that differ only in an option the table's row does not name would share its rows:
+    the second used to be refused only after the first had been cached and fitted."""
+    from dkacq.formats.results import ResultConflictError
+
+    monkeypatch.chdir(tmp_path)
+    study_path = tmp_path / "study.yaml"
+    study = yaml.safe_load(open(_study(tmp_path, tiny_bert_dir, probe_files)))
+    study["probes"]["settings"] = [
+        {"encoder": "bert-mean", "model": str(tiny_bert_dir), "max_examples": 60, "layers": [2]},
+        {"encoder": "bert-mean", "model": str(tiny_bert_dir), "max_examples": 80, "layers": [1, 2]},
+    ]
+    study["probes"]["num_passages"] = [2]
+    study_path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ResultConflictError, match=r"two settings .* layer 2 concat \(data.max_examples 60 -> 80, "):
+        main(["sweep", "--config", str(study_path)])
+    built = {path.name for path in (tmp_path / "cache" / "toy").iterdir()}
+    assert built <= {"probe_set", "probe_set.lock"}, built  # the probe set (read to plan), no embeddings
+    assert not (tmp_path / "study").exists()
+
+    study["probes"]["settings"][1] |= {"layers": [1], "max_examples": 60}  # distinct cells: both run
+    study_path.write_text(yaml.safe_dump(study))
+    main(["sweep", "--config", str(study_path)])
+    with open(tmp_path / "study" / "probe" / "results.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row["probe"] == "concat"]
+    assert sorted(row["layer"] for row in rows) == ["1", "2"]

@@ -1,10 +1,11 @@
 """``dkacq attribute``: integrated-gradients neuron attribution of a preset over a text set."""
 
-import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.image
+from jsonargparse._actions import _ActionConfigLoad
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -15,7 +16,7 @@ from dkacq.attribution.throughput import TextThroughputBar
 from dkacq.commands import output
 from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.datamodules.texts import TextDataModule
-from dkacq.encoders.presets import PRESETS, get_preset, split_control_label
+from dkacq.encoders.presets import PRESETS, named_preset
 from dkacq.report.attribution_figures import plot_attribution_heatmaps
 
 
@@ -55,8 +56,16 @@ class AttributionCLI(LightningCLI):
             output.name_subcommands(self._subcommand_parsers)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        accept_preset_names(parser)
         parser.link_arguments("data.text_side", "model.text_side")
         parser.add_lightning_class_args(TextThroughputBar, "progress_bar")
+
+    def before_instantiate_classes(self) -> None:
+        """``trainer.precision`` not given: the encoder's attribution precision (``bf16-true`` for the 7B
+        presets), whether the encoder came from ``--model NAME``, a config file or the sweep."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.precision is None:
+            config.trainer.precision = config.model.encoder.attribution_precision
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The trainer, with the ``progress_bar`` options' bar only where a bar is shown and the user's
@@ -100,46 +109,55 @@ class AttributionCLI(LightningCLI):
         print(folder)
 
 
-def preset_for(name: str):
-    """A preset by name, or its random-init control for ``<preset>-random`` / ``<preset>-random-seed<k>``."""
-    control = split_control_label(name)
-    if control is not None and control[0] in PRESETS:
-        return get_preset(control[0], random_init=True, seed=control[1])
-    return get_preset(name)
-
-
 def preset_config(name: str) -> dict:
-    """The configuration that ``--model NAME`` stands for: the preset's encoder, modules, thresholds
-    and precision, spelled out so that ``--print_config`` shows them."""
-    preset = preset_for(name)
+    """The ``model`` options that the preset ``name`` stands for: its encoder, modules and thresholds,
+    spelled out so that ``--print_config`` shows them (``trainer.precision`` follows the encoder when it
+    is not given: :meth:`AttributionCLI.before_instantiate_classes`)."""
+    preset = named_preset(name)
     return {
-        "model": {
-            "encoder": asdict(preset),
-            "kinds": list(preset.attribution_kinds),
-            "thresholds": list(preset.attribution_thresholds),
-        },
-        "trainer": {"precision": preset.attribution_precision},
+        "encoder": asdict(preset),
+        "kinds": list(preset.attribution_kinds),
+        "thresholds": list(preset.attribution_thresholds),
     }
 
 
-def expand_model_shorthand(args: list[str]) -> list[str]:
-    """Replace ``--model NAME`` (a preset, or ``NAME-random[-seed<k>]`` for its random-init control) by the
-    configuration it stands for; anything else after ``--model`` is left to the parser."""
-    expanded, position = [], 0
-    while position < len(args):
-        argument = args[position]
-        name = None
-        if argument == "--model" and position + 1 < len(args):
-            name, step = args[position + 1], 2
-        elif argument.startswith("--model="):
-            name, step = argument.removeprefix("--model="), 1
-        if name is not None and not name.lstrip().startswith("{") and not Path(name).exists():
-            expanded += ["--config", json.dumps(preset_config(name))]
-            position += step
-        else:
-            expanded.append(argument)
-            position += 1
-    return expanded
+class PresetOrConfig(_ActionConfigLoad):
+    """``--model``, and ``model:`` in a config file: a preset's name (``repllama``; ``<preset>-random`` or
+    ``<preset>-random-seed<k>`` for its random-init control), or what LightningCLI's ``--model`` takes (a
+    config file or mapping). jsonargparse resolves a class group's value in this one method, for the
+    command line, config files and the sweep's mappings alike, so the name is resolved here."""
+
+    def _load_config(self, value, parser):
+        if isinstance(value, str) and _names_a_preset(value):
+            value = preset_config(value)
+        return super()._load_config(value, parser)
+
+
+def _names_a_preset(value: str) -> bool:
+    """Whether ``value`` is a preset's name. A bare word (letters, digits, ``-``, ``_``) that is neither a
+    preset nor a file is refused with the presets' names, not left to the parser's message about files."""
+    try:
+        named_preset(value)
+    except ValueError:
+        if re.fullmatch(r"[\w-]+", value) and not Path(value).exists():
+            raise
+        return False
+    return True
+
+
+def accept_preset_names(parser: LightningArgumentParser) -> None:
+    """Let the parser's ``--model`` take a preset name (:class:`PresetOrConfig`). LightningCLI adds the
+    model group's config action itself; its class is the one thing changed, so help, ``--print_config``
+    and nested config files work as for any class group."""
+    action = parser._option_string_actions["--model"]
+    if type(action) is not _ActionConfigLoad:
+        raise TypeError(f"--model is a {type(action).__name__}; dkacq expects jsonargparse's class-group action")
+    action.__class__ = PresetOrConfig
+    action.metavar = "NAME|CONFIG"
+    action.help = (
+        f"a preset ({', '.join(PRESETS)}; NAME-random[-seedK] for its random-init control), "
+        "or a config file or mapping of the options below"
+    )
 
 
 CLI_SETTINGS = dict(
@@ -151,13 +169,13 @@ CLI_SETTINGS = dict(
 )
 
 
-def build(options: dict) -> AttributionCLI:
-    """The attribution CLI parsed from a config dict and instantiated, without running: what the sweep
-    uses, so that its configs go through the same classes as ``dkacq attribute``'s."""
+def build(options: dict | list[str]) -> AttributionCLI:
+    """The attribution CLI parsed from a config dict (or command-line arguments) and instantiated, without
+    running: what the sweep uses, so that its configs go through the same classes as ``dkacq attribute``'s."""
     output.quiet()
     return AttributionCLI(AttributionModule, TextDataModule, args=options, run=False, **CLI_SETTINGS)
 
 
 def run(args: list[str]) -> AttributionCLI:
     output.quiet(new_command=True)
-    return AttributionCLI(AttributionModule, TextDataModule, args=expand_model_shorthand(args), **CLI_SETTINGS)
+    return AttributionCLI(AttributionModule, TextDataModule, args=args, **CLI_SETTINGS)

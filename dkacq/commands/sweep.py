@@ -18,6 +18,8 @@ from jsonargparse import auto_cli
 from dkacq.commands import attribute, output, probe
 from dkacq.commands.report import report
 from dkacq.datamodules.texts import TextDataModule
+from dkacq.formats.results import check_one_setting_per_cell
+from dkacq.probe.baselines import baseline_cells
 from dkacq.probe.heads import HEADS, Head
 
 TEXT_DATA_OPTIONS = set(inspect.signature(TextDataModule).parameters)
@@ -85,7 +87,7 @@ def attribution_configs(run_dir: Path, data: dict, attributions: list[Attributio
     data = {key: value for key, value in data.items() if key in TEXT_DATA_OPTIONS}
     return [
         merged(
-            attribute.preset_config(run.model),
+            {"model": attribute.preset_config(run.model)},
             {"data": data, "model": {"output_dir": str(run_dir / "attribution" / run.name)}},
             run.options,
         )
@@ -124,8 +126,9 @@ def sweep(
     """Check every probe cell and attribution run, run those not done yet, then write the report.
 
     Every config is parsed and instantiated with the commands' own classes, and every cell checked,
-    before anything runs: options, layers against each model's config, and the results table and
-    attribution folders for results of other settings (refused in one line).
+    before anything runs: options, layers against each model's config, two settings that would share a
+    row of the results table, and the table and attribution folders for results of other settings
+    (each refused in one line).
 
     Args:
         run_dir: the study's folder: ``probe/results.csv``, ``attribution/<name>/``, ``report/``.
@@ -136,8 +139,7 @@ def sweep(
         published_overlay: draw the study's published curves beside yours.
     """
     probe_clis, attribution_clis = study_clis(run_dir, data, probes, attributions)
-    for cli in probe_clis:
-        cli.plan()
+    check_one_setting_per_cell([cell for cli in probe_clis for cell in cli.plan() + baseline_cells(cli.datamodule)])
     pending = [cli for cli in attribution_clis if not cli.finished()]
     output.checked()
 

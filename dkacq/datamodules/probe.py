@@ -20,7 +20,7 @@ from dkacq.data.storage import check_dataset_name, fingerprint, stored_probe_set
 from dkacq.encoders import extraction, loading
 from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, layer_file, open_cache
 from dkacq.encoders.pooling import Pooling
-from dkacq.encoders.presets import EncoderPreset, get_preset
+from dkacq.encoders.presets import EncoderPreset, PresetName, get_preset
 from dkacq.formats.atomic import file_lock
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
@@ -167,7 +167,7 @@ class ProbeDataModule(LightningDataModule):
 
     def __init__(
         self,
-        encoder: str = "minilm",
+        encoder: PresetName = "minilm",
         model: str | None = None,
         random_init: bool = False,
         init_seed: int = 0,

@@ -47,7 +47,10 @@ from torch import Tensor
 
 from dkacq.formats.atomic import atomic_write, atomic_write_text, default_mode
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Part of every cache request, so that a cache written by code that computed other numbers for the
+same settings is rebuilt, never read. 2: ``eos_reference`` pads with the tokenizer's own pad token or
+else its EOS token, as the published code does (1 padded with the unknown token)."""
 STORAGE_DTYPES = {
     "float32": (torch.float32, "F32"),
     "float16": (torch.float16, "F16"),

@@ -6,6 +6,7 @@ model of each pooling group, and how random-init controls are named.
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import Literal
 
 from dkacq.encoders.pooling import Pooling
 
@@ -123,6 +124,15 @@ PRESETS: dict[str, EncoderPreset] = {
 }
 
 
+def named_preset(name: str) -> EncoderPreset:
+    """A preset by the name a results table gives it: a preset's own, or ``<preset>-random`` /
+    ``<preset>-random-seed<k>`` for its random-init control with the weights of seed k."""
+    control = split_control_label(name)
+    if control is not None and control[0] in PRESETS:
+        return get_preset(control[0], random_init=True, seed=control[1])
+    return get_preset(name)
+
+
 def get_preset(
     name: str, random_init: bool = False, seed: int = 0, model: str | None = None, pooling: Pooling | None = None
 ) -> EncoderPreset:
@@ -156,6 +166,10 @@ BACKBONES: dict[str, str] = {
 }
 """Fine-tuned model -> the pre-trained model it started from: what fine-tuning changed is the
 difference between the two."""
+
+PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
+"""A preset's name, as an option's type: the parser refuses any other and ``--help`` lists them."""
+
 
 POOLING_BASES: dict[Pooling, str] = {
     "cls": BERT_LABEL,

@@ -230,6 +230,19 @@ def check_cells(path: Path, cells: list[ProbeCell]) -> None:
             raise ResultConflictError(reason)
 
 
+def check_one_setting_per_cell(cells: list[ProbeCell]) -> None:
+    """Refuse, before any work, two cells of one plan (a sweep's) that would share a row of the table:
+    the second would be refused only once the first had been fitted."""
+    first: dict[tuple[str, ...], ProbeCell] = {}
+    for cell in cells:
+        other = first.setdefault(cell.key, cell)
+        if other.id != cell.id:
+            raise ResultConflictError(
+                f"two settings of this study give {cell.label} ({differences(other.identity, cell.identity)}); "
+                "the results table holds one row per cell: run one of them with another results.run_dir"
+            )
+
+
 def finished_ids(path: Path) -> set[str]:
     """The identities of the cells the table holds a result for."""
     return {row["cell_id"] for row in read_rows(path) if row.get("cell_id")}
