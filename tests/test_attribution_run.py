@@ -178,7 +178,9 @@ def test_attribute_writes_counts_and_provenance(tmp_path, probe_files, tiny_bert
         assert table.shape == (5, 2) and table.dtype == torch.int32
         assert torch.equal(table.sum(dim=0).long(), counts[key].sum(dim=1)), key
     assert summary["published_readings"] == {} and summary["max_length"] == 256
-    assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["model"]["steps"] == 3
+    saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert saved["model"]["steps"] == 3
+    assert saved["trainer"]["precision"] == "32-true"  # not given: the preset's, recorded as used
     assert not (tmp_path / "config.yaml").exists()
 
 
