@@ -1,6 +1,7 @@
 """``dkacq attribute`` end to end: presets resolved offline, outputs, and 2 processes = 1 process."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -230,3 +231,11 @@ def test_bad_attribution_input_is_one_line(tmp_path, probe_files, tiny_bert_pres
         data.setup()
     assert str(error.value) == f"{empty}: holds no records"
     assert not (tmp_path / "x").exists()
+
+
+def test_the_shipped_config_with_a_7b_preset_runs_it_in_bf16():
+    """configs/attribute.yaml invites ``--model NAME``: it must not pin minilm's precision on a 7B model."""
+    shipped = str(Path(__file__).parents[1] / "configs" / "attribute.yaml")
+    assert _cli(["--config", shipped]).trainer.precision == "32-true"
+    cli = _cli(["--config", shipped, "--model", "llama"])
+    assert (cli.model.preset.name, cli.trainer.precision) == ("llama", "bf16-true")

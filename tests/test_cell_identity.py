@@ -236,3 +236,27 @@ def test_attribution_into_a_folder_of_other_settings_is_refused_before_loading(
         main(["attribute", *_attribute_args(tiny_bert_dir, probe_files, tmp_path, steps=4)])
     assert "\n" not in str(error.value)
     assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == before
+
+
+def test_an_eos_reference_cache_of_the_older_padding_is_refused(tiny_llama_dir, probe_files, tmp_path, monkeypatch):
+    """eos_reference reads padding: a cache whose request does not say what it padded with (an older
+    dkacq's, padded with the unknown token) is not served; other poolings' requests do not change."""
+    monkeypatch.chdir(tmp_path)
+    llama = {"data.encoder": "llama", "data.model": str(tiny_llama_dir), "data.pooling": "eos_reference"}
+    main(["fit", *_fit_args(tiny_llama_dir, probe_files, tmp_path, **llama)])
+    (manifest,) = _cache_manifests(tmp_path / "cache")
+    content = json.loads(manifest.read_text())
+    assert content["padding"] == "own-pad-else-eos"
+    del content["padding"]
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(CacheMismatchError, match="padding=None but padding='own-pad-else-eos'"):
+        main(["fit", *_fit_args(tiny_llama_dir, probe_files, tmp_path, run="other", **llama)])
+
+    main(["fit", *_fit_args(tiny_llama_dir, probe_files, tmp_path, run="eos", **{**llama, "data.pooling": "eos"})])
+    poolings = {json.loads(path.read_text())["pooling"]: path for path in _cache_manifests(tmp_path / "cache")}
+    assert "padding" not in json.loads(poolings["eos"].read_text())  # padding not read: request as before
+
+
+def _cache_manifests(folder: Path) -> list[Path]:
+    """The embedding caches' manifests (the probe set has one of its own)."""
+    return [path for path in folder.rglob("manifest.json") if "cache_format" in json.loads(path.read_text())]

@@ -125,7 +125,8 @@ class PresetOrConfig(_ActionConfigLoad):
     """``--model``, and ``model:`` in a config file: a preset's name (``repllama``; ``<preset>-random`` or
     ``<preset>-random-seed<k>`` for its random-init control), or what LightningCLI's ``--model`` takes (a
     config file or mapping). jsonargparse resolves a class group's value in this one method, for the
-    command line, config files and the sweep's mappings alike, so the name is resolved here."""
+    command line, config files and the sweep's mappings alike, so the name is resolved here. A preset's
+    name wins over a file of that name in the working folder (``./NAME`` is the file)."""
 
     def _load_config(self, value, parser):
         if isinstance(value, str) and _names_a_preset(value):

@@ -21,6 +21,7 @@ from dkacq.encoders import extraction, loading
 from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, layer_file, open_cache
 from dkacq.encoders.pooling import Pooling
 from dkacq.encoders.presets import EncoderPreset, PresetName, get_preset
+from dkacq.encoders.text_encoder import REFERENCE_PADDING
 from dkacq.formats.atomic import file_lock
 
 CacheDtype = Literal["float32", "float16", "bfloat16"]
@@ -135,7 +136,7 @@ def _whole_batch(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtype: str, precision: str) -> dict:
     """Everything that decides the numbers in an embedding cache: the exact weights (a hub commit or a
     digest of the files) and the extraction precision as well as the settings."""
-    return {
+    request = {
         "cache_format": CACHE_FORMAT,
         "query_model": vars(preset.query),
         "passage_model": vars(preset.passage),
@@ -155,6 +156,9 @@ def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtyp
         "extraction_precision": precision,
         "data_fingerprint": data_fingerprint,
     }
+    if preset.pooling == "eos_reference":  # the padding is read
+        request["padding"] = REFERENCE_PADDING
+    return request
 
 
 class ProbeDataModule(LightningDataModule):

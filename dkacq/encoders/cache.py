@@ -47,10 +47,11 @@ from torch import Tensor
 
 from dkacq.formats.atomic import atomic_write, atomic_write_text, default_mode
 
-CACHE_FORMAT = 2
-"""Part of every cache request, so that a cache written by code that computed other numbers for the
-same settings is rebuilt, never read. 2: ``eos_reference`` pads with the tokenizer's own pad token or
-else its EOS token, as the published code does (1 padded with the unknown token)."""
+CACHE_FORMAT = 1
+"""Part of every cache request (and so of every probe cell's identity): raised when the files' layout
+changes. A change of the numbers of one setting is recorded in that setting's request instead, so
+that other settings' caches and results stay valid (``REFERENCE_PADDING`` in
+:mod:`dkacq.encoders.text_encoder`)."""
 STORAGE_DTYPES = {
     "float32": (torch.float32, "F32"),
     "float16": (torch.float16, "F16"),

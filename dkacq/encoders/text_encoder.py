@@ -11,6 +11,11 @@ from dkacq.encoders.pooling import Pooling, pool
 EosReferenceInput = Literal["probing", "attribution"]
 """Which published script's EOS input ``eos_reference`` reproduces: the two differ."""
 
+REFERENCE_PADDING = "own-pad-else-eos"
+"""What ``eos_reference`` pads with, in its cache requests: the tokenizer's own pad token, else its EOS
+token, as the published code does (caches without it were padded with the unknown token, and are
+rebuilt)."""
+
 PUBLISHED_EOS = "</s>"
 """The string the published code appends for EOS pooling (Llama-2's EOS token), whatever the tokenizer."""
 
