@@ -37,19 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
+from dkacq.data.examples import EXAMPLE_COLUMNS
 from dkacq.formats.atomic import atomic_write, atomic_write_text
 
 DEMO_DIR = Path(__file__).resolve().parents[1] / "dkacq" / "data" / "demo"
 SPLIT_FILES = {"train": DEMO_DIR / "train.jsonl.gz", "test": DEMO_DIR / "test.jsonl.gz"}
-COLUMNS = (
-    "question",
-    "positive_context",
-    "negative_context_0",
-    "negative_context_1",
-    "negative_context_2",
-    "negative_context_3",
-    "document",
-)
+COLUMNS = (*EXAMPLE_COLUMNS, "document")
 SEED = 42
 TEST_FRACTION = 0.2
 NUM_NEGATIVES = 4

@@ -340,8 +340,9 @@ def compare_runs(
 
 
 def comparable_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
-    """``(model run, base run)`` index pairs: a fine-tuned model and its backbone, or a model and its
-    random-init control, on the same data set, split, text side and pooling, both with per-text counts."""
+    """``(model run, base run)`` index pairs on the same texts and pooling: a fine-tuned model and its
+    backbone, or a model and its random-init control, on the same data set, split, text side and pooling.
+    Their difference is what fine-tuning, or training at all, changed."""
     same = ("dataset", "split", "text_side", "pooling")
     return [
         (i, j)
@@ -349,8 +350,6 @@ def comparable_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
         for j, b in enumerate(runs)
         if b.model in (backbone_of(a.model), control_label(a.model))
         and all(getattr(a, key) == getattr(b, key) for key in same)
-        and a.has_per_text
-        and b.has_per_text
     ]
 
 
@@ -520,7 +519,7 @@ def module_share_table(
 def share_change_table(
     runs: Sequence[AttributionRun], confidence: float = DEFAULT_CONFIDENCE, **kwargs
 ) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of every comparable pair (:func:`comparable_pairs`): per kind and layer, both
+    """Header and rows of every comparable pair (:func:`comparable_pairs`) with per-text counts: per kind and layer, both
     shares, the change in points and relative, with paired bootstrap intervals, and the signed-rank
     p-value (``*``: significant after Bonferroni over the kind's layers)."""
     header = [
@@ -540,6 +539,8 @@ def share_change_table(
     ]
     rows = []
     for i, j in comparable_pairs(runs):
+        if not (runs[i].has_per_text and runs[j].has_per_text):
+            continue
         for row in compare_runs(runs[i], runs[j], confidence=confidence, **kwargs):
             rows.append(
                 [

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from dkacq.encoders.presets import backbone_of, base_model_for, control_label, model_sort_key
+from dkacq.encoders.presets import base_model_for, model_sort_key
 from dkacq.formats.atomic import atomic_write
 from dkacq.formats.counts import SIDES, AttributionRun
 from dkacq.probe.baselines import METHODS, SHORTCUT
@@ -18,7 +18,7 @@ from dkacq.report.attribution_figures import (
     plot_attribution_heatmaps,
     run_title,
 )
-from dkacq.report.attribution_stats import claim_table, module_share_table, share_change_table
+from dkacq.report.attribution_stats import claim_table, comparable_pairs, module_share_table, share_change_table
 from dkacq.report.plotting import FIGURE_FORMATS
 from dkacq.report.probe_figures import plot_probe_curves
 from dkacq.report.published import PublishedDifference, compare_with_published
@@ -467,20 +467,6 @@ def _modes_section(rows: list[ProbeResult], modes: list[str]) -> str:
     )
 
 
-def _comparison_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
-    """(fine-tuned or trained run, backbone or random-init run) index pairs on the same texts and pooling:
-    the difference of the two is what fine-tuning, or training at all, changed."""
-    same = ("dataset", "split", "text_side", "pooling")
-    return [
-        (i, j)
-        for i, a in enumerate(runs)
-        for j, b in enumerate(runs)
-        if b.model in (backbone_of(a.model), control_label(a.model))
-        and all(getattr(a, k) == getattr(b, k) for k in same)
-        and a.kinds == b.kinds
-    ]
-
-
 def _attribution_sections(runs: list[AttributionRun], out_dir: Path, figure_format: str) -> list[str]:
     slugs: list[str] = []
     seen: Counter[str] = Counter()
@@ -548,7 +534,7 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path, figure_form
             plot_attribution_heatmaps(run.run_dir, out_dir / name, threshold, figure_format)
             links.append(_figure_link(f"heatmap, {slug}, threshold {threshold:g}", name))
         sections.append(f"### {run_title(run)}\n\n" + "\n\n".join(links))
-    for i, j in _comparison_pairs(runs):
+    for i, j in (pair for pair in comparable_pairs(runs) if runs[pair[0]].kinds == runs[pair[1]].kinds):
         links = []
         for threshold in (t for t in runs[i].thresholds if t in runs[j].thresholds):
             name = f"compare_{slugs[i]}_vs_{slugs[j]}_t{threshold:g}.{figure_format}"
