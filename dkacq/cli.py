@@ -21,9 +21,10 @@ COMMANDS = {
     "report": "report",
     "sweep": "sweep",
     "download": "download",
+    "compare": "compare",
 }
 """Command -> its module under :mod:`dkacq.commands`."""
-USAGE = """usage: dkacq {fit,validate,test,attribute,report,sweep,download} [options]
+USAGE = """usage: dkacq {fit,validate,test,attribute,report,sweep,download,compare} [options]
        dkacq --version
 
   fit        train a linear probe per layer on cached embeddings, test the best epoch, append results.csv
@@ -33,6 +34,7 @@ USAGE = """usage: dkacq {fit,validate,test,attribute,report,sweep,download} [opt
   report     figures and a Markdown summary from results tables and attribution runs
   sweep      a study config's grid of probes and attribution runs, resumable, then its report
   download   fetch the presets' weights and the study's data sets once, so that they run offline
+  compare    linear and debiased CKA between two models' cached vectors, per layer pair
 
 Each command takes --help, --config FILE and --print_config. An error that the options or the input
 can fix is printed in one line; --debug (anywhere) or DKACQ_DEBUG=1 shows its traceback instead."""

@@ -19,8 +19,9 @@ ALLOWED: dict[str, set[str]] = {
     "datamodules": {"data", "encoders", "formats"},
     "probe": {"data", "formats"},
     "attribution": {"data", "encoders", "formats"},
-    "report": {"encoders", "formats", "probe"},
-    "commands": {"attribution", "data", "datamodules", "encoders", "formats", "probe", "report"},
+    "compare": {"encoders", "formats"},
+    "report": {"compare", "encoders", "formats", "probe"},
+    "commands": {"attribution", "compare", "data", "datamodules", "encoders", "formats", "probe", "report"},
     "cli": {"commands"},
 }
 """Folder -> the folders it may import. ``cli`` stands for the package's top-level modules."""

@@ -25,14 +25,13 @@ from dkacq.formats.counts import (
     clear_segments,
     join_per_text,
     read_segments,
-    read_summary,
     sum_segments,
     text_key,
     write_counts,
     write_segment,
     write_summary,
 )
-from dkacq.formats.identity import differences, plain
+from dkacq.formats.identity import differences, plain, recorded_change
 from dkacq.formats.provenance import hardware, package_versions
 
 STUDY_MAX_LENGTH = 256
@@ -214,12 +213,8 @@ class AttributionModule(LightningModule):
         """Whether ``folder`` holds the finished counts of ``identity``; raises when it holds other settings."""
         if not (folder / SUMMARY_FILE).exists():
             return False
-        try:
-            found = read_summary(folder).get("identity")
-        except (ValueError, AttributeError):
-            found = None
-        if found != identity:
-            changed = differences(found, identity) if isinstance(found, dict) else "no identity recorded"
+        changed = recorded_change(folder / SUMMARY_FILE, identity)
+        if changed is not None:
             raise AttributionConflictError(
                 f"{folder} holds attribution counts of other settings ({changed}); "
                 f"give model.output_dir another folder, or remove it"

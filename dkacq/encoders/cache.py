@@ -297,6 +297,10 @@ class EmbeddingCache:
         tensors = self._load(self.folder / INDEX_FILE)
         return tensors[f"{split}.query"], tensors[f"{split}.passages"]
 
+    def splits(self) -> list[str]:
+        """The splits whose examples the index maps to rows (``test``, ``train``), sorted."""
+        return sorted({key.rsplit(".", 1)[0] for key in self._load(self.folder / INDEX_FILE)})
+
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """Query and passage vectors of one hidden state, as float32."""
         if not 0 <= layer < self.num_hidden_states:

@@ -8,6 +8,7 @@ of different settings never pass for each other.
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -54,3 +55,15 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 3) 
     shown = [f"{key} {json.dumps(flat_old.get(key))} -> {json.dumps(flat_new.get(key))}" for key in changed[:limit]]
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
     return ", ".join(shown) + more
+
+
+def recorded_change(path: Path, identity: Mapping[str, Any]) -> str | None:
+    """None when the JSON object in ``path`` records ``identity`` under ``"identity"``; else, in one line,
+    what differs (a run folder's summary holding another run's settings)."""
+    try:
+        found = json.loads(Path(path).read_text()).get("identity")
+    except (ValueError, AttributeError):
+        found = None
+    if found == identity:
+        return None
+    return differences(found, identity) if isinstance(found, Mapping) else "no identity recorded"
