@@ -211,15 +211,13 @@ class AttributionModule(LightningModule):
     @staticmethod
     def finished(folder: Path, identity: dict) -> bool:
         """Whether ``folder`` holds the finished counts of ``identity``; raises when it holds other settings."""
-        if not (folder / SUMMARY_FILE).exists():
-            return False
         changed = recorded_change(folder / SUMMARY_FILE, identity)
         if changed is not None:
             raise AttributionConflictError(
                 f"{folder} holds attribution counts of other settings ({changed}); "
                 f"give model.output_dir another folder, or remove it"
             )
-        return (folder / COUNTS_FILE).exists()
+        return (folder / SUMMARY_FILE).exists() and (folder / COUNTS_FILE).exists()
 
     def on_predict_start(self) -> None:
         self.started = time.perf_counter()

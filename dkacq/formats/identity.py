@@ -58,8 +58,10 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 3) 
 
 
 def recorded_change(path: Path, identity: Mapping[str, Any]) -> str | None:
-    """None when the JSON object in ``path`` records ``identity`` under ``"identity"``; else, in one line,
-    what differs (a run folder's summary holding another run's settings)."""
+    """None when there is no ``path`` or the JSON object in it records ``identity`` under ``"identity"``;
+    else, in one line, what differs (a run folder's summary holding another run's settings)."""
+    if not Path(path).exists():
+        return None
     try:
         found = json.loads(Path(path).read_text()).get("identity")
     except (ValueError, AttributeError):

@@ -80,15 +80,12 @@ def write_comparison(folder: Path, summary: dict, rows: list[SimilarityRow]) -> 
 def finished(folder: Path, identity: dict) -> bool:
     """Whether ``folder`` holds the finished comparison of ``identity``; raises (one line) when it holds
     another one."""
-    folder = Path(folder)
-    if not (folder / SUMMARY_FILE).exists():
-        return False
-    changed = recorded_change(folder / SUMMARY_FILE, identity)
+    changed = recorded_change(Path(folder) / SUMMARY_FILE, identity)
     if changed is not None:
         raise ComparisonConflictError(
             f"{folder} holds a comparison of other caches or options ({changed}); give another out_dir, or remove it"
         )
-    return (folder / ROWS_FILE).exists()
+    return (Path(folder) / SUMMARY_FILE).exists() and (Path(folder) / ROWS_FILE).exists()
 
 
 @dataclass(frozen=True)
