@@ -122,9 +122,7 @@ def _data(tmp_path, probe_files, **kwargs) -> TextDataModule:
         train_file=train,
         test_file=test,
         cache_dir=str(tmp_path / "cache"),
-        max_examples=9,
-        batch_size=2,
-        **kwargs,
+        **{"max_examples": 9, "batch_size": 2, **kwargs},
     )
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds
 from dkacq.attribution.ig import PathRule, neuron_scores
+from dkacq.attribution.passes import GIB, PassMemory, PassPlanner, ReplicasSetting
 from dkacq.attribution.targets import Target, find_targets
 from dkacq.data.examples import TextSide
 from dkacq.encoders.loading import load_encoders, model_config, resolve_model_path, weights_identity
@@ -91,7 +92,8 @@ class AttributionModule(LightningModule):
         alpha_rule: PathRule = "reference",
         steps: int = 20,
         max_length: int | None = None,
-        replicas_per_pass: int | None = None,
+        replicas_per_pass: ReplicasSetting | None = None,
+        memory_limit_gib: float | None = None,
         output_dir: str | None = None,
         save_every_n_batches: int = 1,
         unmasked_mean: bool = False,
@@ -111,9 +113,14 @@ class AttributionModule(LightningModule):
             max_length: token limit per text. Given, it is used as is (the published attribution: 256 for
                 queries and passages); not given, the preset's limit for the text side, at most 256 (as
                 probed: 128 for BERT-family queries, 256 for passages).
-            replicas_per_pass: (text, alpha) replicas in one forward and backward pass: one text's
-                ``steps`` when not given; a multiple of ``steps`` batches that many texts per pass (for
-                GPUs), fewer splits a text's alphas over passes (less memory; the same numbers).
+            replicas_per_pass: (text, alpha) replicas in one forward and backward pass: a multiple of
+                ``steps`` batches that many texts per pass, fewer splits a text's alphas over passes;
+                ``auto``: the largest pass that fits the device's memory, from a memory model calibrated
+                on the first batch (``dkacq/attribution/passes.py``). Not given: ``auto`` on a GPU, one
+                text's ``steps`` on a CPU. Any split gives the same numbers; a pass that runs out of
+                memory is retried with half as many (the summary records it).
+            memory_limit_gib: the memory attribution's passes may take beyond the loaded model, for
+                ``auto`` (default: the device's free memory when the first batch starts, less 15%).
             output_dir: where counts, summary and figures go; default
                 ``runs/attribution/<dataset>-<preset>-<text side>``.
             save_every_n_batches: each process saves what it has counted (and which texts) after this
@@ -135,6 +142,8 @@ class AttributionModule(LightningModule):
             raise ValueError(f"steps must be at least 1, got {steps}")
         if max_length is not None and max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if memory_limit_gib is not None and memory_limit_gib <= 0:
+            raise ValueError(f"memory_limit_gib must be positive, got {memory_limit_gib}")
         if unmasked_mean and encoder.pooling != "mean":
             raise ValueError(f"unmasked_mean is the published mean pooling; the encoder pools by {encoder.pooling}")
         if cls_pooler and encoder.pooling != "cls":
@@ -158,6 +167,7 @@ class AttributionModule(LightningModule):
         self.earlier_segments: list[Segment] = []
         self.written = False
         self.started: float | None = None
+        self.passes: PassPlanner | None = None
 
     @property
     def source(self):
@@ -246,10 +256,27 @@ class AttributionModule(LightningModule):
     def configure_model(self) -> None:
         if self.text_encoder is not None:
             return
-        dtype = torch.bfloat16 if "bf16" in str(self.trainer.precision) else torch.float32
-        self.text_encoder = self.build_encoder(dtype)
+        self.text_encoder = self.build_encoder(self.weights_dtype(str(self.trainer.precision)))
         self.targets = find_targets(self.text_encoder.transformer, self.kinds)
         self.counts = ActiveNeuronCounts(self.targets, self.thresholds, text_capacity=len(self.text_order) or None)
+
+    @staticmethod
+    def weights_dtype(precision: str) -> torch.dtype:
+        """The dtype the model is loaded in under Lightning's ``precision``."""
+        return torch.bfloat16 if "bf16" in precision else torch.float32
+
+    def pass_planner(self) -> PassPlanner:
+        """Sizes of the passes (made at the first batch, when the model is on its device):
+        ``replicas_per_pass``, or the memory model's choice (``auto``)."""
+        setting = self.hparams.replicas_per_pass
+        if setting is None:
+            setting = "auto" if self.device.type == "cuda" else self.hparams.steps
+        transformer = self.text_encoder.transformer
+        memory = PassMemory.of(transformer.config, next(transformer.parameters()).dtype)
+        limit = self.hparams.memory_limit_gib
+        return PassPlanner(
+            setting, self.hparams.steps, memory, self.device, None if limit is None else int(limit * GIB)
+        )
 
     def build_encoder(self, dtype: torch.dtype = torch.float32) -> TextEncoder:
         """The text side's encoder as this run reads it: its token limit, and the published readings the
@@ -266,15 +293,21 @@ class AttributionModule(LightningModule):
     def predict_step(self, texts: list[str], batch_idx: int) -> int:
         """Score a batch of texts and count its active neurons; returns the number of texts."""
         batch = {key: value.to(self.device) for key, value in self.text_encoder.tokenize(texts).items()}
-        with torch.enable_grad():
-            scores = neuron_scores(
-                self.text_encoder,
-                batch,
-                self.targets,
-                self.hparams.alpha_rule,
-                self.hparams.steps,
-                self.hparams.replicas_per_pass,
-            )
+
+        def score(replicas_per_pass: int) -> dict:
+            with torch.enable_grad():
+                return neuron_scores(
+                    self.text_encoder,
+                    batch,
+                    self.targets,
+                    self.hparams.alpha_rule,
+                    self.hparams.steps,
+                    replicas_per_pass,
+                )
+
+        if self.passes is None:
+            self.passes = self.pass_planner()
+        scores = self.passes.run(score, len(texts), batch["input_ids"].shape[1])
         keys = [text_key(text) for text in texts]
         self.counts.update(scores, [self.positions[key] for key in keys] if self.counts.text_capacity else None)
         self.counted_texts += keys
@@ -389,6 +422,7 @@ class AttributionModule(LightningModule):
             "dtype": str(next(self.text_encoder.transformer.parameters()).dtype).removeprefix("torch."),
             "devices": self.trainer.world_size,
             "speed": self.speed(int(counts.num_texts) - self.earlier[1]),
+            "passes": self.passes.record() if self.passes is not None else None,
             "versions": package_versions(),
             "identity": self.run_identity,
         }

@@ -12,10 +12,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from dkacq.attribution.module import AttributionModule
+from dkacq.attribution.passes import check_fits
 from dkacq.attribution.throughput import TextThroughputBar
 from dkacq.commands import output
 from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.datamodules.texts import TextDataModule
+from dkacq.encoders.loading import model_config
+from dkacq.encoders.memory import free_bytes
 from dkacq.encoders.presets import PRESETS, named_preset
 from dkacq.report.attribution_figures import plot_attribution_heatmaps
 
@@ -86,9 +89,20 @@ class AttributionCLI(LightningCLI):
         return self.model.finished(self.model.output_path_for(data), identity)
 
     def before_attribute(self) -> None:
-        """Check the output folder (and read the texts) before the model is loaded; then start."""
+        """Check the output folder (and read the texts) and the GPU's memory before the model is loaded; then start."""
         self.finished()
+        self.check_memory()
         output.checked()
+
+    def check_memory(self) -> None:
+        """On a GPU, refuse in one line a run whose weights, batch of texts and one replica cannot fit at all."""
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            return
+        model = self.model
+        dtype = model.weights_dtype(str(self.trainer.precision))
+        texts, tokens = self.datamodule.hparams.batch_size, model.max_length
+        check_fits(model.preset.label, model_config(model.source), dtype, texts, tokens, device, free_bytes(device))
 
     def run_attribution(self) -> None:
         """Attribute and draw, as ``dkacq attribute`` does (for a CLI built by :func:`build`)."""

@@ -141,6 +141,8 @@ def sweep(
     probe_clis, attribution_clis = study_clis(run_dir, data, probes, attributions)
     check_one_setting_per_cell([cell for cli in probe_clis for cell in cli.plan() + baseline_cells(cli.datamodule)])
     pending = [cli for cli in attribution_clis if not cli.finished()]
+    for cli in pending:
+        cli.check_memory()
     output.checked()
 
     for clis in sharing_a_cache(probe_clis):
