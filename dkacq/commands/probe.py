@@ -47,6 +47,12 @@ NOT_IDENTITY = (
     "trainer.log_every_n_steps",
     "trainer.profiler",
     "data.layers",
+    "data.train_file",
+    "data.test_file",
+    "data.path",
+    "data.collection.corpus_file",
+    "data.collection.queries_file",
+    "data.collection.query_batch",
     "data.cache_dir",
     "data.cache_name",
     "data.extraction_batch_size",
@@ -54,7 +60,9 @@ NOT_IDENTITY = (
     "model.hidden_size",
 )
 """Options that decide where outputs go or what is shown, never a number: left out of a cell's identity.
-Every other option is in it, with the exact weights and data the embedding cache is built from."""
+Every other option is in it, with the exact weights and data the embedding cache is built from. Data
+files are in it by their content (the cache request's data fingerprint), not by how their paths are
+spelled: ``df/train.json`` and ``./df/train.json`` are one setting."""
 
 
 class ProbeCLI(LightningCLI):

@@ -33,6 +33,9 @@ EXAMPLE_COLUMNS = (
     "negative_context_2",
     "negative_context_3",
 )
+REQUIRED_COLUMNS = EXAMPLE_COLUMNS[:3]
+"""The question, the positive and one negative; ``negative_context_1..3`` may be null (absent), and an
+example with k negatives is used at N <= k + 1."""
 ProbeFormat = Literal["demo", "dpr", "msmarco", "published", "local"]
 TextSide = Literal["query", "passage"]
 """Which texts of a probe set an encoder reads: the questions or the passages."""
@@ -47,7 +50,7 @@ MSMARCO_CONFIG = "v1.1"
 MSMARCO_SPLITS = {"train": "train", "test": "validation"}
 PUBLISHED_SPLITS = {"train": "train", "test": "dev"}
 
-_FEATURES = datasets.Features({column: datasets.Value("string") for column in EXAMPLE_COLUMNS})
+EXAMPLE_FEATURES = datasets.Features({column: datasets.Value("string") for column in EXAMPLE_COLUMNS})
 _JSON_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 _JSON_WHITESPACE = b" \t\n\r"
 _log = logging.getLogger("dkacq")
@@ -92,7 +95,8 @@ def load_probe_set(
       from the hub (``hub_id`` or ``microsoft/ms_marco``; test is its ``validation`` split).
     - ``published``: the authors' preprocessed sets, from local files or from the hub (``hub_id``;
       test is its ``dev`` split).
-    - ``local``: JSONL/Parquet files already in ``EXAMPLE_COLUMNS``, every value a non-empty string.
+    - ``local``: JSONL/Parquet files already in ``EXAMPLE_COLUMNS``, every value a non-empty string but
+      ``negative_context_1..3``, which may be null or absent (docs/collections.md).
 
     For ``dpr`` and ``msmarco`` the negatives are sampled with one ``random.Random(seed)`` stream
     through the train and then the test source, as the published sets were made. A record without a
@@ -240,7 +244,7 @@ class _ExampleColumns:
     def split(self, name: str) -> _Split:
         if not self.columns["question"]:
             raise ProbeDataError(f"{name}: gives no examples (no record has both a positive and a negative)")
-        return _Split(datasets.Dataset.from_dict(self.columns, features=_FEATURES), name, self.dropped)
+        return _Split(datasets.Dataset.from_dict(self.columns, features=EXAMPLE_FEATURES), name, self.dropped)
 
 
 # --- DPR retriever JSON ---------------------------------------------------------------------------
@@ -403,7 +407,8 @@ def _read_table(path: str | os.PathLike) -> datasets.Dataset:
 
 
 def _checked(table: datasets.Dataset, name: str, allow_empty: bool) -> datasets.Dataset:
-    """``table`` reduced to ``EXAMPLE_COLUMNS`` after every value was checked to be a string.
+    """``table`` reduced to ``EXAMPLE_COLUMNS`` after every value was checked to be a string (or null,
+    in the negative columns after the first: an example with fewer negatives).
 
     ``allow_empty`` lets empty strings through: the published sets are taken as their authors made
     them, while local sets must have text in every field.
@@ -411,6 +416,11 @@ def _checked(table: datasets.Dataset, name: str, allow_empty: bool) -> datasets.
     if table.num_rows == 0:
         raise ProbeDataError(f"{name}: holds no records")
     for column in EXAMPLE_COLUMNS:
+        absent = column not in table.column_names or pa.types.is_null(table.data.column(column).type)
+        if absent and column not in REQUIRED_COLUMNS:  # no example has this many negatives
+            table = table.remove_columns([column]) if column in table.column_names else table
+            table = table.add_column(column, pa.array([None] * table.num_rows, pa.string()))
+            continue
         if column not in table.column_names:
             raise ProbeDataError(f"{name}: record 0 has no field {column!r}")
         values = table.data.column(column)
@@ -420,14 +430,14 @@ def _checked(table: datasets.Dataset, name: str, allow_empty: bool) -> datasets.
             index = _first(pc.is_valid(values))
             raise ProbeDataError(f"{name}: record {index} field {column!r} is not a string ({values.type})")
         missing = _first(pc.is_null(values))
-        if missing >= 0:
+        if missing >= 0 and column in REQUIRED_COLUMNS:
             raise ProbeDataError(f"{name}: record {missing} has no field {column!r}")
         if not allow_empty:
             empty = _first(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0))
             if empty >= 0:
                 raise ProbeDataError(f"{name}: record {empty} field {column!r} is empty")
     table = table.select_columns(list(EXAMPLE_COLUMNS))
-    return table if table.features == _FEATURES else table.cast(_FEATURES)
+    return table if table.features == EXAMPLE_FEATURES else table.cast(EXAMPLE_FEATURES)
 
 
 def _first(mask: pa.ChunkedArray) -> int:

@@ -34,7 +34,7 @@ def check_num_passages(num_passages: int) -> None:
 
 
 def draw_passage_orders(
-    num_examples: int, num_passages: int, generator: torch.Generator
+    num_examples: int, num_passages: int, generator: torch.Generator, present: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw, for every example, which passages it shows and in which order.
 
@@ -44,6 +44,11 @@ def draw_passage_orders(
     uniform order) and the positive is inserted at a uniform position, which makes the whole
     arrangement uniform. Tensors live on ``generator.device``.
 
+    ``present`` (bool ``[num_examples, 4]``) says which negatives an example has (a mined collection
+    may give fewer than 4): absent ones sort after every present one, so the draw is uniform over the
+    present ones, and every example must have at least ``num_passages - 1``. The same random numbers
+    are drawn either way, so examples with all 4 negatives get the same draws as without ``present``.
+
     Returns ``columns`` (long, ``[num_examples, num_passages]``) and ``labels`` (long,
     ``[num_examples]``), the position of the positive in each row.
     """
@@ -52,6 +57,10 @@ def draw_passage_orders(
         raise ValueError(f"num_examples must be >= 0, got {num_examples}")
     device = generator.device
     keys = torch.rand(num_examples, NUM_NEGATIVES, generator=generator, device=device, dtype=torch.float64)
+    if present is not None:
+        if bool((present.sum(dim=1) < num_passages - 1).any()):
+            raise ValueError(f"an example has fewer than {num_passages - 1} negatives, too few for N = {num_passages}")
+        keys = keys.masked_fill(~present.to(device), 2.0)
     negatives = keys.argsort(dim=1) + 1
     labels = torch.randint(num_passages, (num_examples,), generator=generator, device=device)
     positions = torch.arange(num_passages, device=device).expand(num_examples, -1)

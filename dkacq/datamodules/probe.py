@@ -14,9 +14,10 @@ from lightning.pytorch import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dkacq.data.examples import ProbeFormat
+from dkacq.data.collection import COLLECTION_FORMATS, CollectionOptions, collection_options
+from dkacq.data.mining import NegativeSource
 from dkacq.data.sampling import check_num_passages, draw_passage_orders
-from dkacq.data.storage import check_dataset_name, fingerprint, stored_probe_set
+from dkacq.data.storage import ProbeSource, check_dataset_name, fingerprint, stored_probe_set
 from dkacq.encoders import extraction, loading
 from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, layer_file, open_cache
 from dkacq.encoders.pooling import Pooling
@@ -33,7 +34,8 @@ class ProbeExamples(Dataset):
     """One split's examples over one layer's vectors.
 
     Without fixed ``columns`` every fetch draws a fresh subset and order of the negatives from the
-    dataset's own seeded generator, so training sees new draws every epoch, reproducibly.
+    dataset's own seeded generator, so training sees new draws every epoch, reproducibly. A negative's
+    row -1 is an absent negative (a mined collection's example with fewer than 4): it is never drawn.
     """
 
     def __init__(
@@ -50,10 +52,11 @@ class ProbeExamples(Dataset):
         self.query_rows, self.passage_rows = query_rows, passage_rows
         self.num_passages = num_passages
         self.generator = torch.Generator().manual_seed(redraw_seed)
+        self.present = passage_rows[:, 1:] >= 0
         self.columns = self.labels = None
         if fixed_seed is not None:
             generator = torch.Generator().manual_seed(fixed_seed)
-            self.columns, self.labels = draw_passage_orders(len(query_rows), num_passages, generator)
+            self.columns, self.labels = draw_passage_orders(len(query_rows), num_passages, generator, self.present)
 
     def __len__(self) -> int:
         return len(self.query_rows)
@@ -61,7 +64,7 @@ class ProbeExamples(Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
         if self.columns is None:
-            columns, labels = draw_passage_orders(len(index), self.num_passages, self.generator)
+            columns, labels = draw_passage_orders(len(index), self.num_passages, self.generator, self.present[index])
         else:
             columns, labels = self.columns[index], self.labels[index]
         rows = self.passage_rows[index].gather(1, columns)
@@ -101,6 +104,23 @@ class LayerHolder:
             self.users -= 1
             if not self.users:
                 self.release()
+
+    def _usable(self, query_rows: Tensor, passage_rows: Tensor, split: str) -> tuple[Tensor, Tensor]:
+        """The examples with at least N - 1 negatives (all of them, unless a collection gave fewer)."""
+        keep = (passage_rows[:, 1:] >= 0).sum(dim=1) >= self.hparams.num_passages - 1
+        if not bool(keep.all()):
+            log.info(
+                "%s split: %d of %d examples have fewer than %d negatives and are left out at N = %d",
+                split,
+                int((~keep).sum()),
+                len(keep),
+                self.hparams.num_passages - 1,
+                self.hparams.num_passages,
+            )
+            query_rows, passage_rows = query_rows[keep], passage_rows[keep]
+        if not len(query_rows):
+            raise ValueError(f"the {split} split has no example with {self.hparams.num_passages - 1} negatives")
+        return query_rows, passage_rows
 
     def release(self) -> None:
         """Drop the held layer (and collect garbage, so that no cycle keeps its tensors alive)."""
@@ -177,10 +197,14 @@ class ProbeDataModule(LightningDataModule):
         init_seed: int = 0,
         pooling: Pooling | None = None,
         dataset: str = "demo",
-        source: ProbeFormat = "demo",
+        source: ProbeSource = "demo",
         train_file: str | None = None,
         test_file: str | None = None,
         hub_id: str | None = None,
+        path: str | None = None,
+        dataset_id: str | None = None,
+        negatives: NegativeSource = "file",
+        collection: CollectionOptions | None = None,
         num_passages: int = 5,
         layers: list[int] | None = None,
         max_examples: int | None = None,
@@ -207,11 +231,21 @@ class ProbeDataModule(LightningDataModule):
                 code's read of the last padded position, only to reproduce its numbers).
             dataset: the data set's name in results tables (nq, msmarco, demo, ...).
             source: demo (shipped), dpr (DPR retriever JSON), msmarco (v1.1 rows), published (the study's
-                preprocessed sets) or local (JSONL/Parquet in the probe-example columns).
-            train_file: the train split's file (dpr, msmarco, published, local).
-            test_file: the test split's file; for NQ the DPR dev file, as in the study.
+                preprocessed sets), local (JSONL/Parquet in the probe-example columns), or a collection
+                (docs/collections.md): beir (a BEIR folder, ``path``), trec (qrels files as train_file and
+                test_file, ``collection.corpus_file``, ``collection.queries_file``) or ir_datasets
+                (``dataset_id``).
+            train_file: the train split's file (dpr, msmarco, published, local; trec: train qrels).
+            test_file: the test split's file; for NQ the DPR dev file, as in the study (trec: test qrels).
             hub_id: a Hugging Face data set id for msmarco or published.
-            num_passages: N, passages per example: the positive and N - 1 of its 4 negatives (2..5).
+            path: a BEIR folder (source beir).
+            dataset_id: an ir_datasets id, e.g. beir/scifact/test (source ir_datasets).
+            negatives: where negatives come from: file (the source's own; for a collection its passages
+                judged not relevant), bm25 (mined with bm25s over the whole corpus) or random.
+            collection: how a collection becomes examples: relevance threshold, ranks and number of
+                mined negatives, seed, near-duplicate exclusion, split by query.
+            num_passages: N, passages per example: the positive and N - 1 of its (up to 4) negatives
+                (2..5); an example with fewer than N - 1 negatives is left out at this N.
             layers: hidden states to probe, 0 being the embedding output; all of them when not given.
             max_examples: keep only the first this many examples of each split, for quick runs of
                 large models on a CPU; all when not given.
@@ -238,6 +272,7 @@ class ProbeDataModule(LightningDataModule):
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         check_dataset_name(dataset, source)
+        self.collection = collection_options(collection)
         self.save_hyperparameters()
         self.preset = get_preset(encoder, random_init, init_seed, model, pooling)
         self.folder = Path(cache_dir) / dataset
@@ -258,13 +293,22 @@ class ProbeDataModule(LightningDataModule):
         """The probe set (its first ``max_examples`` per split, if set) and its fingerprint."""
         hparams = self.hparams
         probe_set, data_fingerprint = stored_probe_set(
-            self.probe_set_folder, hparams.source, hparams.train_file, hparams.test_file, hparams.hub_id
+            self.probe_set_folder,
+            hparams.source,
+            hparams.train_file,
+            hparams.test_file,
+            hparams.hub_id,
+            hparams.path,
+            hparams.dataset_id,
+            hparams.negatives,
+            self.collection,
         )
         if hparams.max_examples:
             probe_set = DatasetDict(
                 {name: split.select(range(min(hparams.max_examples, len(split)))) for name, split in probe_set.items()}
             )
-            data_fingerprint = fingerprint(probe_set)
+            mined = {"probe_set": data_fingerprint} if hparams.source in COLLECTION_FORMATS else None
+            data_fingerprint = fingerprint(probe_set, mined)
         return probe_set, data_fingerprint
 
     @property
@@ -361,8 +405,8 @@ class ProbeDataModule(LightningDataModule):
             raise ValueError("ProbeDataModule.layer is not set: choose the hidden state to probe")
         cache = self.open()
         queries, passages = LAYERS.layer(cache, self.layer)
-        train_query, train_passages = cache.index("train")
-        test_query, test_passages = cache.index("test")
+        train_query, train_passages = self._usable(*cache.index("train"), "train")
+        test_query, test_passages = self._usable(*cache.index("test"), "test")
         order = torch.randperm(len(train_query), generator=torch.Generator().manual_seed(self.hparams.seed))
         num_val = max(1, round(self.hparams.val_fraction * len(order)))
         val_rows, train_rows = order[:num_val], order[num_val:]
@@ -380,6 +424,23 @@ class ProbeDataModule(LightningDataModule):
             ),
             "test": ProbeExamples(queries, passages, test_query, test_passages, n, fixed_seed=seed),
         }
+
+    def _usable(self, query_rows: Tensor, passage_rows: Tensor, split: str) -> tuple[Tensor, Tensor]:
+        """The examples with at least N - 1 negatives (all of them, unless a collection gave fewer)."""
+        keep = (passage_rows[:, 1:] >= 0).sum(dim=1) >= self.hparams.num_passages - 1
+        if not bool(keep.all()):
+            log.info(
+                "%s split: %d of %d examples have fewer than %d negatives and are left out at N = %d",
+                split,
+                int((~keep).sum()),
+                len(keep),
+                self.hparams.num_passages - 1,
+                self.hparams.num_passages,
+            )
+            query_rows, passage_rows = query_rows[keep], passage_rows[keep]
+        if not len(query_rows):
+            raise ValueError(f"the {split} split has no example with {self.hparams.num_passages - 1} negatives")
+        return query_rows, passage_rows
 
     def release(self) -> None:
         """Drop this module's vectors once its probe is done: a finished trainer may hold its loaders

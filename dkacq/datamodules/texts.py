@@ -7,8 +7,10 @@ from typing import Literal
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from dkacq.data.examples import TEXT_COLUMNS, ProbeFormat, TextSide
-from dkacq.data.storage import check_dataset_name, stored_probe_set
+from dkacq.data.collection import CollectionOptions, collection_options
+from dkacq.data.examples import TEXT_COLUMNS, TextSide
+from dkacq.data.mining import NegativeSource
+from dkacq.data.storage import ProbeSource, check_dataset_name, stored_probe_set
 from dkacq.formats.counts import text_key
 
 
@@ -22,10 +24,14 @@ class TextDataModule(LightningDataModule):
     def __init__(
         self,
         dataset: str = "demo",
-        source: ProbeFormat = "demo",
+        source: ProbeSource = "demo",
         train_file: str | None = None,
         test_file: str | None = None,
         hub_id: str | None = None,
+        path: str | None = None,
+        dataset_id: str | None = None,
+        negatives: NegativeSource = "file",
+        collection: CollectionOptions | None = None,
         split: Literal["train", "test"] = "test",
         text_side: TextSide = "query",
         max_examples: int | None = 1000,
@@ -36,10 +42,12 @@ class TextDataModule(LightningDataModule):
         """
         Args:
             dataset: the data set's name in outputs (nq, msmarco, demo, ...).
-            source: demo, dpr, msmarco, published or local, as for probing.
+            source: demo, dpr, msmarco, published, local, beir, trec or ir_datasets, as for probing.
             train_file: the train split's file, where the source needs one.
             test_file: the test split's file.
             hub_id: a Hugging Face data set id for msmarco or published.
+            path, dataset_id, negatives, collection: a collection's folder, ir_datasets id and mining,
+                as for probing (the stored probe set is shared with it).
             split: the split whose texts are attributed (the study: test).
             text_side: ``query`` (questions, for a query encoder) or ``passage`` (positive passages).
             max_examples: stop after this many distinct texts (the study: 1,000); all when not given.
@@ -57,6 +65,7 @@ class TextDataModule(LightningDataModule):
         if max_examples_of not in ("texts", "rows"):
             raise ValueError(f"max_examples_of must be texts or rows, got {max_examples_of!r}")
         check_dataset_name(dataset, source)
+        self.collection = collection_options(collection)
         self.save_hyperparameters()
         self.texts: list[str] = []
         self.remaining: list[str] = []
@@ -67,7 +76,17 @@ class TextDataModule(LightningDataModule):
     def _probe_set(self):
         hparams = self.hparams
         folder = Path(hparams.cache_dir) / hparams.dataset / "probe_set"
-        return stored_probe_set(folder, hparams.source, hparams.train_file, hparams.test_file, hparams.hub_id)
+        return stored_probe_set(
+            folder,
+            hparams.source,
+            hparams.train_file,
+            hparams.test_file,
+            hparams.hub_id,
+            hparams.path,
+            hparams.dataset_id,
+            hparams.negatives,
+            self.collection,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         probe_set, _ = self._probe_set()

@@ -616,7 +616,9 @@ def build_cache(
     folder, precision = Path(folder), precision or default_precision()
     label = label or folder.name
     queries, query_ids = sorted_unique(query_encoder, [q for split in probe_set.values() for q in split["question"]])
-    passage_texts = [p for split in probe_set.values() for column in EXAMPLE_COLUMNS[1:] for p in split[column]]
+    passage_texts = [
+        p for split in probe_set.values() for column in EXAMPLE_COLUMNS[1:] for p in split[column] if p is not None
+    ]
     passages, passage_ids = sorted_unique(passage_encoder, passage_texts)
     num_states, dim = query_encoder.num_hidden_states, query_encoder.hidden_size
     if (passage_encoder.num_hidden_states, passage_encoder.hidden_size) != (num_states, dim):
@@ -678,9 +680,10 @@ def build_cache(
 
 
 def _index(probe_set: DatasetDict, queries: list[str], passages: list[str]) -> dict[str, Tensor]:
-    """Per split, every example's query row ``[E]`` and passage rows ``[E, 5]`` (positive first)."""
+    """Per split, every example's query row ``[E]`` and passage rows ``[E, 5]`` (positive first; -1 for
+    an absent negative)."""
     query_row = {text: row for row, text in enumerate(queries)}
-    passage_row = {text: row for row, text in enumerate(passages)}
+    passage_row = {text: row for row, text in enumerate(passages)} | {None: -1}
     index = {}
     for name, split in probe_set.items():
         index[f"{name}.query"] = torch.tensor([query_row[q] for q in split["question"]], dtype=torch.long)

@@ -8,7 +8,7 @@
   test draws of the probes (``ProbeDataModule.datasets["test"]``: fixed columns and labels), so their
   per-example outcomes pair with the probes' for McNemar's test.
 - ``shortcut_least_negative``: no vectors and no query at all. Count how often each passage text is a
-  negative among the training split's examples (all 4 negatives of each; the validation share is left
+  negative among the training split's examples (every negative of each; the validation share is left
   out, as the probes never train on it); on each test item pick the shown passage with the lowest
   count, ties going to the first such position. A passage that the training data never shows as a
   negative is more likely to be the positive wherever negatives recur across examples, so a
@@ -106,6 +106,7 @@ def least_negative_choice(train_negatives: Tensor, shown: Tensor) -> Tensor:
     if not shown.numel():
         return torch.zeros(len(shown), dtype=torch.long)
     negatives = train_negatives.reshape(-1).long()
+    negatives = negatives[negatives >= 0]  # absent negatives of a mined collection's examples
     counts = torch.bincount(negatives, minlength=int(shown.max()) + 1)
     return counts[shown.long()].argmin(dim=1)
 

@@ -1,0 +1,276 @@
+"""Negatives for collections that have none: from the judgements, BM25 over the whole corpus, or random.
+
+- ``file``: the query's judged passages of grade 0 or below (judged not relevant), in a seeded order.
+- ``bm25``: ``bm25s`` over the whole corpus (Lucene BM25, k1 = 1.5, b = 0.75, lower-cased words of two or
+  more characters, English stop words, no stemming), drawn at random (seeded per query) from the ranks
+  ``collection.negative_ranks`` of each query's ranking.
+- ``random``: passages drawn uniformly from the corpus (seeded per query).
+
+A passage the query's judgements grade above 0 is never a negative, whatever the relevance threshold;
+a candidate whose words nearly equal the positive's is skipped (:func:`choose`). Each query's draws come
+from ``random.Random("<seed>/<query id>")``, so they do not depend on the order a reader gives.
+
+Resumable and bounded: the corpus is scanned once (its content digest and the row -> passage id map,
+saved as ``doc_ids.npy``), the BM25 index is saved with ``bm25s`` and memory-mapped for search, and the
+queries are searched in batches of ``collection.query_batch``, each saved as ``batch_NNNNN.npy`` (passage
+rows, ``[queries, depth]``) when done: a run stopped at any point resumes after its last saved batch.
+All of it lives under the work folder, in folders named by digests of what they hold, so other
+settings never reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from dkacq.data.examples import ProbeDataError
+from dkacq.formats.atomic import atomic_write, atomic_write_text, replace_folder, staging_folder
+from dkacq.formats.identity import digest
+
+if TYPE_CHECKING:
+    from dkacq.data.collection import CollectionOptions
+
+NegativeSource = Literal["file", "bm25", "random", "dense"]
+NEGATIVE_SOURCES: tuple[str, ...] = ("file", "bm25", "random", "dense")
+BM25 = {"method": "lucene", "k1": 1.5, "b": 0.75}
+TOKENIZER = {"lower": True, "splitter": r"(?u)\b\w\w+\b", "stopwords": "english", "stemmer": None}
+CHUNK = 10_000
+"""Passages tokenized at once while indexing."""
+RESERVE = 3
+"""Candidates kept per negative wanted, so near-duplicates of the positive can be skipped."""
+_WORDS = re.compile(r"\w+")
+_log = logging.getLogger("dkacq")
+
+Passages = Callable[[], Iterator[tuple[str, str]]]
+
+
+@dataclass(frozen=True)
+class Mined:
+    """Per query, candidate negatives in draw order; the corpus's digest and size; the method's record."""
+
+    candidates: dict[str, list[str]]
+    corpus: dict
+    method: dict
+
+
+def check_source(negatives: str) -> None:
+    """Before any work: ``dense`` is refused (not built yet), and the name is one of the sources."""
+    if negatives == "dense":
+        raise ProbeDataError(
+            "data.negatives=dense is not available yet: use bm25 (lexical), random, or file (judged non-relevant)"
+        )
+    if negatives not in NEGATIVE_SOURCES:
+        raise ProbeDataError(f"unknown data.negatives {negatives!r}; expected one of file, bm25, random")
+
+
+def negatives(
+    source: NegativeSource,
+    passages: Passages,
+    queries: dict[str, str],
+    judged: dict[str, set[str]],
+    not_relevant: dict[str, list[str]],
+    options: CollectionOptions,
+    folder: Path,
+    collection_request: dict,
+) -> Mined:
+    """Candidate negatives of every query in ``queries`` (id -> text), ``RESERVE`` per negative wanted.
+
+    ``judged``: the passages of each query graded above 0 (never negatives); ``not_relevant``: those
+    graded 0 or below (the ``file`` source). ``collection_request`` identifies the collection's content
+    cheaply (file digests or an ir_datasets id), naming the work folders.
+    """
+    check_source(source)
+    folder = Path(folder) / f"corpus-{digest(collection_request, 16)}"
+    wanted = options.num_negatives * RESERVE
+    if source == "bm25":
+        corpus, doc_ids, index, tokenizer = _bm25_index(passages, folder)
+        rows = _search(index, tokenizer, folder, queries, options)
+        first, last = options.negative_ranks
+        ranked = {query: [doc_ids[row] for row in found[first - 1 : last] if row >= 0] for query, found in rows.items()}
+        method = {"source": "bm25", "library": f"bm25s {_bm25s().__version__}", **BM25, "tokenizer": TOKENIZER}
+    else:
+        corpus, doc_ids = _scan(passages, folder)
+        method = {"source": source}
+        if source == "random":
+            ranked = {
+                query: [
+                    str(doc_ids[row])
+                    for row in _rng(options, query).sample(
+                        range(len(doc_ids)), min(len(doc_ids), wanted + len(judged[query]))
+                    )
+                ]
+                for query in queries
+            }
+        else:
+            ranked = {query: list(not_relevant.get(query, [])) for query in queries}
+    candidates = {}
+    for query in queries:
+        pool = [str(doc) for doc in dict.fromkeys(ranked[query]) if str(doc) not in judged[query]]
+        if source != "random":  # random's are drawn in order already
+            _rng(options, query).shuffle(pool)
+        candidates[query] = pool[:wanted]
+    return Mined(candidates, corpus, method)
+
+
+def choose(positive: str, candidates: list[tuple[str, str]], count: int, near_duplicate: float | None) -> list[str]:
+    """The first ``count`` candidate texts that are neither the positive's text, nor a near-duplicate of
+    it (Jaccard similarity of lower-cased word sets at least ``near_duplicate``), nor a repeat."""
+    chosen: list[str] = []
+    words = _word_set(positive)
+    for _, text in candidates:
+        if len(chosen) == count:
+            break
+        if text == positive or text in chosen:
+            continue
+        if near_duplicate is not None and jaccard(words, _word_set(text)) >= near_duplicate:
+            continue
+        chosen.append(text)
+    return chosen
+
+
+def jaccard(first: set[str], second: set[str]) -> float:
+    if not first and not second:
+        return 1.0
+    return len(first & second) / len(first | second)
+
+
+def _word_set(text: str) -> set[str]:
+    return set(_WORDS.findall(text.lower()))
+
+
+def _rng(options: CollectionOptions, query: str) -> random.Random:
+    return random.Random(f"{options.seed}/{query}")
+
+
+def _bm25s():
+    try:
+        import bm25s
+    except ImportError as error:
+        raise ProbeDataError("data.negatives=bm25 needs the bm25s package (pip install bm25s)") from error
+    return bm25s
+
+
+# --- the corpus scan and the index ----------------------------------------------------------------
+
+
+def _scan(passages: Passages, folder: Path, tokenize: Callable[[list[str]], None] | None = None):
+    """The corpus's digest and size and its row -> passage id array, saved in ``folder`` (read back when
+    there); ``tokenize`` is given every chunk of texts, in corpus order, when the scan runs."""
+    info_path, ids_path = folder / "corpus.json", folder / "doc_ids.npy"
+    if tokenize is None and info_path.is_file() and ids_path.is_file():
+        return json.loads(info_path.read_text()), np.load(ids_path)
+    hashed, ids, seen = hashlib.sha256(), [], set()
+    stream = passages()
+    while chunk := list(islice(stream, CHUNK)):
+        for identifier, text in chunk:
+            if identifier in seen:
+                raise ProbeDataError(f"corpus: passage id {identifier!r} occurs twice")
+            seen.add(identifier)
+            hashed.update(identifier.encode() + b"\t" + text.encode() + b"\n")
+        ids.extend(identifier for identifier, _ in chunk)
+        if tokenize is not None:
+            tokenize([text for _, text in chunk])
+    if not ids:
+        raise ProbeDataError("corpus: holds no passages")
+    del seen
+    doc_ids = np.asarray(ids)
+    info = {"digest": hashed.hexdigest()[:16], "passages": len(ids)}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(ids_path, lambda path: _save_npy(path, doc_ids))
+    atomic_write_text(info_path, json.dumps(info))
+    return info, doc_ids
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as file:
+        np.save(file, array, allow_pickle=False)
+
+
+def _tokenizer():
+    bm25s = _bm25s()
+    return bm25s.tokenization.Tokenizer(
+        lower=TOKENIZER["lower"], splitter=TOKENIZER["splitter"], stopwords=TOKENIZER["stopwords"]
+    )
+
+
+def _bm25_index(passages: Passages, folder: Path):
+    """The corpus scan and the BM25 index, built in one pass over the corpus unless saved already."""
+    bm25s = _bm25s()
+    index_folder = folder / f"bm25-{digest({'library': bm25s.__version__, **BM25, **TOKENIZER}, 12)}"
+    if not ((index_folder / "done.json").is_file() and (folder / "corpus.json").is_file()):
+        _build_index(passages, folder, index_folder)
+    corpus, doc_ids = _scan(passages, folder)
+    tokenizer = _tokenizer()
+    tokenizer.load_vocab(str(index_folder))
+    return corpus, doc_ids, bm25s.BM25.load(str(index_folder), mmap=True, load_vocab=True), tokenizer
+
+
+def _build_index(passages: Passages, folder: Path, index_folder: Path) -> None:
+    bm25s = _bm25s()
+    tokenizer, token_ids = _tokenizer(), []
+
+    def tokenize(texts: list[str]) -> None:
+        token_ids.extend(tokenizer.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False))
+
+    started = time.perf_counter()
+    corpus, _ = _scan(passages, folder, tokenize)
+    retriever = bm25s.BM25(**BM25)
+    retriever.index(bm25s.tokenization.Tokenized(token_ids, tokenizer.get_vocab_dict()), show_progress=False)
+    token_ids.clear()
+    staging = staging_folder(index_folder)
+    try:
+        retriever.save(str(staging), show_progress=False)
+        tokenizer.save_vocab(str(staging))
+        atomic_write_text(staging / "done.json", json.dumps({"seconds": time.perf_counter() - started, **corpus}))
+        replace_folder(staging, index_folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _search(
+    index, tokenizer, folder: Path, queries: dict[str, str], options: CollectionOptions
+) -> dict[str, np.ndarray]:
+    """Every query's top ``negative_ranks[1]`` passage rows (-1 past the corpus's end), in batches
+    saved as they finish, so that a stopped search resumes."""
+    order = sorted(queries)
+    depth = options.negative_ranks[1]
+    key = {"queries": digest({query: queries[query] for query in order}, 16), "depth": depth}
+    key["batch"] = options.query_batch
+    run = folder / f"bm25-run-{digest(key, 12)}"
+    run.mkdir(parents=True, exist_ok=True)
+    found: dict[str, np.ndarray] = {}
+    size = options.query_batch
+    for number, start in enumerate(range(0, len(order), size)):
+        batch = order[start : start + size]
+        path = run / f"batch_{number:05d}.npy"
+        if path.is_file():
+            rows = np.load(path)
+        else:
+            rows = _retrieve(index, tokenizer, [queries[query] for query in batch], depth)
+            atomic_write(path, lambda temporary, rows=rows: _save_npy(temporary, rows))
+        found.update(zip(batch, rows, strict=True))
+    return found
+
+
+def _retrieve(index, tokenizer, texts: list[str], depth: int) -> np.ndarray:
+    num_docs = index.scores["num_docs"]
+    k = min(depth, num_docs)
+    tokens = tokenizer.tokenize(texts, update_vocab=False, return_as="ids", show_progress=False)
+    documents, scores = index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+    rows = np.where(scores > 0, documents, -1).astype(np.int64)
+    if k < depth:
+        rows = np.pad(rows, ((0, 0), (0, depth - k)), constant_values=-1)
+    return rows

@@ -1,0 +1,327 @@
+"""Collections: BEIR folders, TREC files and ir_datasets ids read into probe sets, with mined negatives."""
+
+import csv
+import gzip
+import json
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import WORDS
+
+from dkacq.cli import main
+from dkacq.data import mining
+from dkacq.data.collection import CollectionOptions, beir_folder, read_collection_set, split_queries
+from dkacq.data.examples import ProbeDataError
+from dkacq.data.sampling import draw_passage_orders
+from dkacq.data.storage import stored_probe_set
+from dkacq.formats.results import ResultConflictError
+
+STOP_WORDS = {"with", "that", "this", "from", "which", "when", "what", "where", "does"}
+CONTENT_WORDS = [word for word in WORDS if len(word) > 3 and word not in STOP_WORDS]  # the tiny model's words
+
+
+def make_collection(num_docs: int = 80, num_queries: int = 16, seed: int = 0) -> dict:
+    """Random passages of content words; each query is the first words of one passage (its positive,
+    grade 2), with one more passage judged 1 and one judged 0."""
+    rng = random.Random(seed)
+    docs = {
+        f"d{i}": (f"title {i}" if i % 3 else "", " ".join(rng.choices(CONTENT_WORDS, k=14))) for i in range(num_docs)
+    }
+    queries, qrels = {}, []
+    for j in range(num_queries):
+        positive, partial, judged_out = rng.sample(sorted(docs), 3)
+        queries[f"q{j:02d}"] = " ".join(docs[positive][1].split()[:5])
+        qrels += [(f"q{j:02d}", positive, 2), (f"q{j:02d}", partial, 1), (f"q{j:02d}", judged_out, 0)]
+    return {"docs": docs, "queries": queries, "qrels": qrels}
+
+
+def write_beir(folder: Path, collection: dict, gzipped: bool = False, train_queries: set[str] = frozenset()) -> Path:
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gzipped else ""
+    opener = gzip.open if gzipped else open
+    with opener(folder / f"corpus.jsonl{suffix}", "wt") as file:
+        for doc, (title, text) in collection["docs"].items():
+            file.write(json.dumps({"_id": doc, "title": title, "text": text}) + "\n")
+    with opener(folder / f"queries.jsonl{suffix}", "wt") as file:
+        for query, text in collection["queries"].items():
+            file.write(json.dumps({"_id": query, "text": text, "metadata": {}}) + "\n")
+    for split in ("train", "test"):
+        rows = [row for row in collection["qrels"] if (row[0] in train_queries) == (split == "train")]
+        if rows:
+            with opener(folder / "qrels" / f"{split}.tsv{suffix}", "wt") as file:
+                file.write("query-id\tcorpus-id\tscore\n")
+                file.writelines(f"{q}\t{d}\t{g}\n" for q, d, g in rows)
+    return folder
+
+
+def write_trec(folder: Path, collection: dict) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "collection.tsv", "w") as file:
+        file.writelines(f"{doc}\t{text}\t{title}\n" for doc, (title, text) in collection["docs"].items())
+    with open(folder / "queries.tsv", "w") as file:
+        file.writelines(f"{query}\t{text}\n" for query, text in collection["queries"].items())
+    with open(folder / "qrels.txt", "w") as file:
+        file.writelines(f"{q} 0 {d} {g}\n" for q, d, g in collection["qrels"])
+    return {
+        "test_file": str(folder / "qrels.txt"),
+        "corpus": str(folder / "collection.tsv"),
+        "queries": str(folder / "queries.tsv"),
+    }
+
+
+@pytest.fixture(scope="session")
+def collection():
+    return make_collection()
+
+
+@pytest.fixture(scope="session")
+def beir_dir(tmp_path_factory, collection):
+    return write_beir(tmp_path_factory.mktemp("beir") / "toy", collection)
+
+
+def lucene_bm25_scores(docs: dict, query: str, k1: float = 1.5, b: float = 0.75) -> dict[str, float]:
+    """The literal Lucene BM25 formula over lower-cased words of 2+ characters (no stop word occurs); a
+    word repeated in the query counts once per occurrence, as in a Lucene query of repeated terms."""
+
+    def words(text):
+        return re.findall(r"\w\w+", text.lower())
+
+    texts = {doc: words(f"{title} {text}" if title else text) for doc, (title, text) in docs.items()}
+    average = sum(map(len, texts.values())) / len(texts)
+    frequency = Counter(word for tokens in texts.values() for word in set(tokens))
+    scores = {}
+    for doc, tokens in texts.items():
+        counts, score = Counter(tokens), 0.0
+        for word in words(query):
+            if counts[word]:
+                idf = math.log(1 + (len(texts) - frequency[word] + 0.5) / (frequency[word] + 0.5))
+                tf = counts[word]
+                score += idf * tf / (tf + k1 * (1 - b + b * len(tokens) / average))
+        scores[doc] = score
+    return scores
+
+
+def test_bm25_negatives_come_from_the_rank_window_of_a_literal_bm25_and_never_a_judged_passage(
+    collection, beir_dir, tmp_path
+):
+    options = CollectionOptions(negative_ranks=(2, 6), near_duplicate=None, num_negatives=4)
+    queries = collection["queries"]
+    judged = {q: {d for qq, d, g in collection["qrels"] if qq == q and g > 0} for q in queries}
+    mined = mining.negatives(
+        "bm25", beir_folder(beir_dir, options).passages, queries, judged, {}, options, tmp_path, {"t": 1}
+    )
+    for query, text in queries.items():
+        scores = lucene_bm25_scores(collection["docs"], text)
+        ranked = sorted(scores.values(), reverse=True)
+        high, low = ranked[1] + 1e-5, ranked[5] - 1e-5  # ranks 2 and 6, with room for float32 and ties
+        inside = {doc for doc, score in scores.items() if low < score < high and doc not in judged[query]}
+        certain = {doc for doc, score in scores.items() if low + 2e-5 < score < high - 2e-5} - judged[query]
+        chosen = set(mined.candidates[query])
+        assert certain <= chosen <= inside and len(chosen) == 5 - len(judged[query] & chosen_window(scores, 2, 6)), (
+            query
+        )
+    assert mined.corpus["passages"] == len(collection["docs"])
+    assert mined.method["library"].startswith("bm25s ")
+
+
+def chosen_window(scores: dict[str, float], first: int, last: int) -> set[str]:
+    return set(sorted(scores, key=lambda doc: -scores[doc])[first - 1 : last])
+
+
+def test_mining_resumes_after_its_last_saved_batch(collection, beir_dir, tmp_path, monkeypatch):
+    options = CollectionOptions(query_batch=5)
+    source = beir_folder(beir_dir, options)
+    queries = collection["queries"]
+    judged = {query: set() for query in queries}
+    first = mining.negatives("bm25", source.passages, queries, judged, {}, options, tmp_path, {"t": 1})
+    (run,) = tmp_path.glob("corpus-*/bm25-run-*")
+    assert len(list(run.glob("batch_*.npy"))) == 4  # 16 queries in batches of 5
+    (run / "batch_00002.npy").unlink()  # stopped while searching the third batch
+    searched, built = [], []
+    retrieve, build = mining._retrieve, mining._build_index
+    monkeypatch.setattr(mining, "_retrieve", lambda *args: searched.append(len(args[2])) or retrieve(*args))
+    monkeypatch.setattr(mining, "_build_index", lambda *args: built.append(1) or build(*args))
+    again = mining.negatives("bm25", source.passages, queries, judged, {}, options, tmp_path, {"t": 1})
+    assert searched == [5] and not built
+    assert again == first
+
+
+def test_judged_relevant_and_near_duplicates_are_never_negatives():
+    positive = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    near = "alpha beta gamma delta epsilon zeta eta theta iota lambda"  # Jaccard 9/11
+    other = "one two three"
+    candidates = [("a", positive), ("b", near), ("c", other), ("d", other), ("e", "four five")]
+    assert mining.choose(positive, candidates, 4, near_duplicate=0.8) == [other, "four five"]
+    assert mining.choose(positive, candidates, 1, near_duplicate=None) == [near]
+
+
+def test_split_by_query_is_seeded_disjoint_and_covers_every_query():
+    queries = [f"q{i}" for i in range(50)]
+    train, test = split_queries(queries, 0.2, seed=3)
+    assert len(test) == 10 and not set(train) & set(test) and sorted(train + test) == sorted(queries)
+    assert split_queries(list(reversed(queries)), 0.2, seed=3) == (train, test)
+    assert split_queries(queries, 0.2, seed=4) != (train, test)
+
+
+def test_graded_judgements_threshold_and_counts(collection, beir_dir, tmp_path, caplog):
+    options = CollectionOptions(relevance_threshold=2, near_duplicate=None)
+    read, provenance = read_collection_set(beir_folder(beir_dir, options), "file", options, tmp_path)
+    graded = {(q, d): g for q, d, g in collection["qrels"]}
+    texts = {doc: f"{title} {text}" if title else text for doc, (title, text) in collection["docs"].items()}
+    by_text = {text: doc for doc, text in texts.items()}
+    query_of = {text: query for query, text in collection["queries"].items()}
+    for split in ("train", "test"):
+        for row in read.probe_set[split]:
+            query = query_of[row["question"]]
+            assert graded[query, by_text[row["positive_context"]]] == 2
+            negatives = [row[f"negative_context_{k}"] for k in range(4)]
+            # file negatives: the judged-0 passage only; the grade-1 passage is neither positive nor negative
+            assert [graded[query, by_text[text]] for text in negatives if text is not None] == [0]
+    assert provenance["split"]["kind"] == "seeded by query"
+    threshold_three = CollectionOptions(relevance_threshold=3)
+    with pytest.raises(ProbeDataError, match="no_relevant"):
+        read_collection_set(beir_folder(beir_dir, threshold_three), "file", threshold_three, tmp_path)
+
+
+def test_given_splits_are_used_and_a_query_judged_in_both_stays_in_test(collection, tmp_path):
+    train_queries = {f"q{j:02d}" for j in range(10)}
+    folder = write_beir(tmp_path / "beir", collection, train_queries=train_queries)
+    with open(folder / "qrels" / "train.tsv", "a") as file:  # q12 is a test query: judged in train too
+        file.write("q12\td0\t1\n")
+    options = CollectionOptions(near_duplicate=None)
+    read, provenance = read_collection_set(beir_folder(folder, options), "bm25", options, tmp_path / "work")
+    assert provenance["split"]["kind"] == "given"
+    assert read.dropped["train"]["in_test"] == 1
+    questions = {split: set(read.probe_set[split]["question"]) for split in ("train", "test")}
+    expected = {
+        split: {text for query, text in collection["queries"].items() if (query in train_queries) == (split == "train")}
+        for split in ("train", "test")
+    }
+    assert questions == expected
+
+
+def test_gzipped_and_plain_folders_and_both_path_spellings_give_one_stored_set(
+    collection, beir_dir, tmp_path, monkeypatch
+):
+    gz = write_beir(tmp_path / "gz", collection, gzipped=True)
+    monkeypatch.chdir(beir_dir.parent)
+    built = []
+    read = read_collection_set
+    monkeypatch.setattr("dkacq.data.storage.read_collection_set", lambda *a: built.append(1) or read(*a))
+    plain_set, plain_print = stored_probe_set(tmp_path / "a" / "probe_set", "beir", path="toy", negatives="bm25")
+    _, again = stored_probe_set(tmp_path / "a" / "probe_set", "beir", path=f"./{beir_dir.name}/", negatives="bm25")
+    assert again == plain_print and len(built) == 1
+    gz_set, gz_print = stored_probe_set(tmp_path / "b" / "probe_set", "beir", path=str(gz), negatives="bm25")
+    assert gz_print == plain_print
+    assert all(gz_set[split].to_dict() == plain_set[split].to_dict() for split in ("train", "test"))
+    _, other = stored_probe_set(tmp_path / "a" / "probe_set", "beir", path="toy", negatives="random")
+    assert other != plain_print and len(built) == 3
+
+
+def test_local_files_by_another_path_spelling_are_not_rebuilt(tmp_path, monkeypatch, probe_files):
+    monkeypatch.chdir(Path(probe_files[0]).parent)
+    train, test = Path(probe_files[0]).name, Path(probe_files[1]).name
+    _, first = stored_probe_set(tmp_path / "s", "local", train, test)
+    mtime = (tmp_path / "s" / "manifest.json").stat().st_mtime_ns
+    _, second = stored_probe_set(tmp_path / "s", "local", f"./{train}", f"./{test}")
+    assert second == first and (tmp_path / "s" / "manifest.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("corpus.jsonl", '{"_id": "d0", "text": "a"}\n{"_id": "d1"}\n', r"corpus.jsonl: line 2 has no field 'text'"),
+        ("corpus.jsonl", '{"_id": "d0", "text": "a"}\n{"_id": \n', r"corpus.jsonl: line 2 is not valid JSON"),
+        ("queries.jsonl", '{"_id": "q0", "text": 3}\n', r"queries.jsonl: line 1 field 'text' is not a string"),
+        (
+            "qrels/test.tsv",
+            "query-id\tcorpus-id\tscore\nq0\td0\thigh\n",
+            r"test.tsv: line 2 field 'grade' is not an integer",
+        ),
+        ("qrels/test.tsv", "q0\td0\n", r"test.tsv: line 1 has 2 fields"),
+    ],
+)
+def test_a_bad_file_is_one_line_naming_file_line_and_field(collection, tmp_path, file, content, message):
+    folder = write_beir(tmp_path / "bad", collection)
+    (folder / file).write_text(content)
+    with pytest.raises(ProbeDataError, match=message) as error:
+        stored_probe_set(tmp_path / "store" / "probe_set", "beir", path=str(folder), negatives="bm25")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "store" / "probe_set").exists()
+
+
+def test_options_are_checked_before_any_reading(tmp_path):
+    with pytest.raises(ProbeDataError, match="dense is not available"):
+        stored_probe_set(tmp_path / "s", "beir", path=str(tmp_path), negatives="dense")
+    with pytest.raises(ProbeDataError, match="needs a collection"):
+        stored_probe_set(tmp_path / "s", "demo", negatives="bm25")
+    with pytest.raises(ValueError, match="negative_ranks"):
+        CollectionOptions(negative_ranks=(5, 2)).check()
+
+
+def test_an_example_with_fewer_negatives_draws_only_those_it_has():
+    present = torch.tensor([[True, True, False, False], [True, True, True, True]]).repeat(500, 1)
+    columns, labels = draw_passage_orders(len(present), 3, torch.Generator().manual_seed(0), present)
+    shown = columns[0::2]
+    assert set(shown.unique().tolist()) == {0, 1, 2}  # the positive and the two negatives it has
+    assert (columns.gather(1, labels[:, None]) == 0).all()
+    plain, plain_labels = draw_passage_orders(len(present), 3, torch.Generator().manual_seed(0))
+    assert torch.equal(columns[1::2], plain[1::2]) and torch.equal(labels, plain_labels)
+    with pytest.raises(ValueError, match="fewer than 3 negatives"):
+        draw_passage_orders(len(present), 4, torch.Generator().manual_seed(0), present)
+
+
+def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_path, monkeypatch):
+    """The issue's command on a collection without negatives: probe rows and baselines, the mining in
+    the cell identity (another mining setting into the same table is refused)."""
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        f"--data.model={tiny_bert_dir}",
+        "--data.source=beir",
+        f"--data.path={beir_dir}",
+        "--data.negatives=bm25",
+        "--data.dataset=toy",
+        "--data.num_passages=3",
+        "--data.layers=[2]",
+        "--data.batch_size=16",
+        "--data.val_fraction=0.2",
+        "--data.collection.num_negatives=2",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--results.run_dir=run",
+    ]
+    main(args)
+    with open(tmp_path / "run" / "results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert {row["probe"] for row in rows} >= {"concat", "similarity_cosine", "shortcut_least_negative"}
+    with pytest.raises(ResultConflictError, match="data.collection.negative_ranks"):
+        main([*args, "--data.collection.negative_ranks=[1,50]"])
+    manifest = json.loads((tmp_path / ".cache/dkacq/toy/probe_set/manifest.json").read_text())
+    assert manifest["provenance"]["negatives"]["source"] == "bm25"
+    assert np.load(next((tmp_path / ".cache/dkacq/toy/mining").glob("corpus-*/doc_ids.npy"))).size == 80
+
+
+def test_local_files_with_fewer_negatives_are_used_at_the_ns_they_allow(tmp_path):
+    rows = [
+        {"question": f"q{i}", "positive_context": f"p{i}", "negative_context_0": f"a{i}", "negative_context_1": f"b{i}"}
+        for i in range(3)
+    ]
+    rows[0]["negative_context_2"] = "c0"
+    paths = []
+    for split in ("train", "test"):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({**row, "question": row["question"] + split}) + "\n" for row in rows))
+        paths.append(str(path))
+    probe_set, _ = stored_probe_set(tmp_path / "s", "local", *paths)
+    assert probe_set["test"]["negative_context_2"] == ["c0", None, None]
+    assert probe_set["test"]["negative_context_3"] == [None, None, None]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "positive_context": "p"}) + "\n")
+    with pytest.raises(ProbeDataError, match="bad.jsonl: record 0 has no field 'negative_context_0'"):
+        stored_probe_set(tmp_path / "t", "local", str(tmp_path / "bad.jsonl"), paths[1])
