@@ -325,3 +325,53 @@ def test_local_files_with_fewer_negatives_are_used_at_the_ns_they_allow(tmp_path
     (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "q", "positive_context": "p"}) + "\n")
     with pytest.raises(ProbeDataError, match="bad.jsonl: record 0 has no field 'negative_context_0'"):
         stored_probe_set(tmp_path / "t", "local", str(tmp_path / "bad.jsonl"), paths[1])
+
+
+def register_ir_dataset(name: str, folder: Path) -> str:
+    """A BEIR folder registered as an ir_datasets id, read by ir_datasets' own BEIR classes (no network)."""
+    import ir_datasets
+    from ir_datasets.datasets.base import Dataset
+    from ir_datasets.datasets.beir import BeirDocs, BeirQrels, BeirQueries, BeirTitleDoc
+    from ir_datasets.formats import GenericQuery
+    from ir_datasets.util import LocalDownload
+
+    if name not in ir_datasets.registry:
+        ir_datasets.registry.register(
+            name,
+            Dataset(
+                BeirDocs(name, LocalDownload(folder / "corpus.jsonl", mkdir=False), BeirTitleDoc),
+                BeirQueries(name, LocalDownload(folder / "queries.jsonl", mkdir=False), GenericQuery),
+                BeirQrels(LocalDownload(folder / "qrels" / "test.tsv", mkdir=False), {}),
+            ),
+        )
+    return name
+
+
+def test_beir_trec_and_ir_datasets_read_one_collection_to_one_probe_set(collection, beir_dir, tmp_path):
+    trec = write_trec(tmp_path / "trec", collection)
+    trec_options = CollectionOptions(corpus_file=trec["corpus"], queries_file=trec["queries"])
+    dataset_id = register_ir_dataset("dkacq-test/toy/test", beir_dir)
+    sets = [
+        stored_probe_set(tmp_path / "beir" / "probe_set", "beir", path=str(beir_dir), negatives="bm25"),
+        stored_probe_set(
+            tmp_path / "trec" / "probe_set",
+            "trec",
+            test_file=trec["test_file"],
+            negatives="bm25",
+            collection=trec_options,
+        ),
+        stored_probe_set(tmp_path / "ird" / "probe_set", "ir_datasets", dataset_id=dataset_id, negatives="bm25"),
+    ]
+    (beir_set, beir_print), *others = sets
+    for probe_set, print_ in others:
+        assert print_ == beir_print
+        assert all(probe_set[split].to_dict() == beir_set[split].to_dict() for split in ("train", "test"))
+
+
+def test_an_ir_datasets_collection_not_fetched_is_one_line_saying_how(tmp_path):
+    dataset_id = register_ir_dataset("dkacq-test/absent/test", tmp_path / "never-downloaded")
+    with pytest.raises(ProbeDataError, match="not in ir_datasets' cache .* fetch them once with the network") as error:
+        stored_probe_set(tmp_path / "s" / "probe_set", "ir_datasets", dataset_id=dataset_id, negatives="bm25")
+    assert "\n" not in str(error.value)
+    with pytest.raises(ProbeDataError, match="no such data set id"):
+        stored_probe_set(tmp_path / "s" / "probe_set", "ir_datasets", dataset_id="dkacq-test/unknown", negatives="bm25")

@@ -268,16 +268,17 @@ def test_json_that_is_not_a_list(dpr_files, text):
     assert str(error.value) == (f"{train}: not a JSON list of records (it starts with {text.strip()[0]!r})")
 
 
-def test_local_file_missing_a_column(tmp_path):
+def test_local_file_missing_a_required_column(tmp_path):
+    """The question, the positive and a first negative are required; later negatives may be absent."""
     train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
     good = example_rows("x", 3)
     train.write_text("".join(json.dumps(row) + "\n" for row in good))
     test.write_text(
-        "".join(json.dumps({k: v for k, v in row.items() if k != "negative_context_2"}) + "\n" for row in good)
+        "".join(json.dumps({k: v for k, v in row.items() if k != "negative_context_0"}) + "\n" for row in good)
     )
     with pytest.raises(ProbeDataError) as error:
         load_probe_set("local", str(train), str(test))
-    assert str(error.value) == f"{test}: record 0 has no field 'negative_context_2'"
+    assert str(error.value) == f"{test}: record 0 has no field 'negative_context_0'"
 
 
 @pytest.mark.parametrize(
