@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from torch import nn
 
+from dkacq.attribution import compile_check
 from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds
 from dkacq.attribution.ig import PathRule, neuron_scores
 from dkacq.attribution.passes import GIB, PassMemory, PassPlanner, ReplicasSetting
@@ -94,6 +95,9 @@ class AttributionModule(LightningModule):
         max_length: int | None = None,
         replicas_per_pass: ReplicasSetting | None = None,
         memory_limit_gib: float | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        compile_check: bool = True,
         output_dir: str | None = None,
         save_every_n_batches: int = 1,
         unmasked_mean: bool = False,
@@ -121,6 +125,12 @@ class AttributionModule(LightningModule):
                 memory is retried with half as many (the summary records it).
             memory_limit_gib: the memory attribution's passes may take beyond the loaded model, for
                 ``auto`` (default: the device's free memory when the first batch starts, less 15%).
+            compile: run every layer of a pass through ``torch.compile`` (``neuron_scores(compile=...)``):
+                the same numbers to the compiler's rounding, faster on a GPU once compiled; the first
+                batch pays the compilation.
+            compile_backend: the ``torch.compile`` backend (inductor; aot_eager compiles in seconds on a CPU).
+            compile_check: with ``compile``, score the first batch eagerly too and stop in one line unless
+                the two agree (``dkacq/attribution/compile_check.py``); the summary records the outcome.
             output_dir: where counts, summary and figures go; default
                 ``runs/attribution/<dataset>-<preset>-<text side>``.
             save_every_n_batches: each process saves what it has counted (and which texts) after this
@@ -168,6 +178,7 @@ class AttributionModule(LightningModule):
         self.written = False
         self.started: float | None = None
         self.passes: PassPlanner | None = None
+        self.compile_record: dict | None = None
 
     @property
     def source(self):
@@ -294,7 +305,7 @@ class AttributionModule(LightningModule):
         """Score a batch of texts and count its active neurons; returns the number of texts."""
         batch = {key: value.to(self.device) for key, value in self.text_encoder.tokenize(texts).items()}
 
-        def score(replicas_per_pass: int) -> dict:
+        def score(replicas_per_pass: int, compile: bool | str) -> dict:
             with torch.enable_grad():
                 return neuron_scores(
                     self.text_encoder,
@@ -303,11 +314,25 @@ class AttributionModule(LightningModule):
                     self.hparams.alpha_rule,
                     self.hparams.steps,
                     replicas_per_pass,
+                    compile=compile,
                 )
+
+        def checked_score(replicas_per_pass: int) -> dict:
+            """The scores, compiled if asked; the first compiled batch checked against the eager path."""
+            if not self.hparams.compile:
+                return score(replicas_per_pass, False)
+            scores = score(replicas_per_pass, self.hparams.compile_backend)
+            if self.compile_record is None:
+                check = "off"
+                if self.hparams.compile_check:
+                    tolerance = compile_check.TOLERANCE[next(self.text_encoder.parameters()).dtype]
+                    check = compile_check.compare(score(replicas_per_pass, False), scores, self.thresholds, tolerance)
+                self.compile_record = {"backend": self.hparams.compile_backend, "check": check}
+            return scores
 
         if self.passes is None:
             self.passes = self.pass_planner()
-        scores = self.passes.run(score, len(texts), batch["input_ids"].shape[1])
+        scores = self.passes.run(checked_score, len(texts), batch["input_ids"].shape[1])
         keys = [text_key(text) for text in texts]
         self.counts.update(scores, [self.positions[key] for key in keys] if self.counts.text_capacity else None)
         self.counted_texts += keys
@@ -423,6 +448,7 @@ class AttributionModule(LightningModule):
             "devices": self.trainer.world_size,
             "speed": self.speed(int(counts.num_texts) - self.earlier[1]),
             "passes": self.passes.record() if self.passes is not None else None,
+            "compile": self.compile_record,
             "versions": package_versions(),
             "identity": self.run_identity,
         }
