@@ -88,7 +88,18 @@ def _set_up(data: ProbeDataModule, layer: int) -> ProbeDataModule:
 
 
 def test_methods_are_the_heads_then_the_baselines():
-    assert METHODS == (*HEADS, *BASELINES) == ("concat", "passage_only", "query_aware", "bilinear", *BASELINES)
+    assert (
+        METHODS
+        == (*HEADS, *BASELINES)
+        == (
+            "concat",
+            "passage_only",
+            "query_aware",
+            "bilinear",
+            "residual_bilinear",
+            *BASELINES,
+        )
+    )
     assert BASELINES == ("similarity_cosine", "similarity_dot") and SHORTCUT not in METHODS
 
 

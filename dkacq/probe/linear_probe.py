@@ -27,17 +27,21 @@ class LinearProbe(LightningModule):
         hidden_size: int | None = None,
         rank: int = DEFAULT_RANK,
         normalize: bool = False,
+        weight_decay: float = 0.01,
     ):
         """
         Args:
             head: ``concat`` (the study's probe), ``passage_only`` (concat without the query: how much
                 of the accuracy needs the query at all), ``query_aware`` (shared weights over
                 ``q * p_k`` and ``p_k``: can compare query and passage) or ``bilinear``
-                (``(U q) . (V p_k) + w . p_k`` with U, V of rank ``rank``).
+                (``(U q) . (V p_k) + w . p_k`` with U, V of rank ``rank``) or ``residual_bilinear``
+                (``s q . p_k + (U q) . (V p_k)``, starting at the untrained similarity: validated before
+                its first step as epoch 0, so the selected epoch is never worse on validation than the
+                dot product, or the cosine with ``normalize``).
             learning_rate: Adam's learning rate (the study: 1e-4).
             num_passages: N, passages per example; set from the data module's ``num_passages``.
             hidden_size: vector size of the probed layer; read from the cache when not given.
-            rank: rank of the ``bilinear`` head's U and V (the other heads ignore it).
+            rank: rank of the ``bilinear`` and ``residual_bilinear`` heads' U and V (the others ignore it).
             normalize: scale the query and every passage vector to unit L2 norm before the head (any
                 head), so that the probe sees directions only, not the layer's vector lengths.
         """
@@ -45,6 +49,8 @@ class LinearProbe(LightningModule):
         check_num_passages(num_passages)
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must not be negative, got {weight_decay}")
         self.save_hyperparameters()
         self.head_module = build_head(head, hidden_size, num_passages, rank) if hidden_size else None
         self.accuracy = torch.nn.ModuleDict(
@@ -79,7 +85,12 @@ class LinearProbe(LightningModule):
         self.log(f"{split}/acc", accuracy, prog_bar=True, on_epoch=True, on_step=False)
         return loss, prediction
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+        """The batch's loss; None (no optimizer step) throughout epoch 0 for a head that starts at the
+        untrained similarity, so that epoch's validation is the head as initialised, which best-epoch
+        selection then weighs like any other epoch (its training epochs are 1 to ``max_epochs - 1``)."""
+        if self.current_epoch == 0 and getattr(self.head_module, "evaluates_at_init", False):
+            return None
         return self._step(batch, "train")[0]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -115,4 +126,12 @@ class LinearProbe(LightningModule):
                 self.checkpoint_val_acc = float(state["best_model_score"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        decayed = getattr(self.head_module, "decayed", None)
+        if decayed is None:
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        chosen = {id(parameter) for parameter in decayed()}
+        groups = [
+            {"params": [p for p in self.parameters() if id(p) in chosen], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in self.parameters() if id(p) not in chosen], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=self.hparams.learning_rate)

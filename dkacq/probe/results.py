@@ -99,7 +99,7 @@ class ProbeResults(Callback):
                 val_acc=f"{pl_module.checkpoint_val_acc:.5f}" if pl_module.checkpoint_val_acc is not None else "",
                 **accuracy_values(correct),
                 **self.convergence_values(pl_module),
-                rank=probe.get("rank", "") if probe.get("head") == "bilinear" else "",
+                rank=probe.get("rank", "") if probe.get("head") in ("bilinear", "residual_bilinear") else "",
                 normalize=int(bool(probe.get("normalize", False))),
                 **setting_values(data),
                 standardize=int(hparams.standardize),

@@ -38,6 +38,7 @@ METHOD_STYLES: dict[str, MethodStyle] = {
     "passage_only": MethodStyle("-.", "passage_only (no query)"),
     "query_aware": MethodStyle((0, (3, 1, 1, 1, 1, 1)), "query_aware"),
     "bilinear": MethodStyle((0, (1, 1)), "bilinear (low rank)"),
+    "residual_bilinear": MethodStyle((0, (5, 1, 1, 1)), "residual_bilinear (similarity + low rank)"),
     "similarity_cosine": MethodStyle("--", "cosine similarity (untrained)", 1.1),
     "similarity_dot": MethodStyle((0, (7, 3)), "dot product (untrained)", 1.1),
 }

@@ -158,7 +158,9 @@ def _head_table(curves: list[list[ProbeResult]], title: str = "") -> str:
         "Test accuracy with its Wilson 95% interval, at the last layer and at each method's best layer. "
         "`concat` is the study's probe; `passage_only` is the same probe without the query (what passage "
         "cues alone give); `query_aware` scores each passage with the query (shared weights over "
-        "`q * p_k` and `p_k`); `bilinear` scores `(U q) . (V p_k) + w . p_k` with U, V of low rank. "
+        "`q * p_k` and `p_k`); `bilinear` scores `(U q) . (V p_k) + w . p_k` with U, V of low rank; "
+        "`residual_bilinear` scores `s q . p_k + (U q) . (V p_k)`, starting at the untrained similarity "
+        "(its epoch 0, validated before any step, competes for the best epoch). "
         "`similarity_cosine` and `similarity_dot` are not trained: the passage most similar to the "
         "query at that layer is picked.\n\n"
         + _table(
