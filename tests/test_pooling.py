@@ -19,8 +19,8 @@ HIDDEN = torch.tensor(
     [
         # right padding: row 0 has 3 real tokens, row 1 has 2
         ([[1, 1, 1, 0], [1, 1, 0, 0]], [[1, 2], [9, 1]], [[3, 4], [5.5, 2]], [[5, 6], [2, 3]]),
-        # left padding: row 0 has 3 real tokens, row 1 has 2
-        ([[0, 1, 1, 1], [0, 0, 1, 1]], [[1, 2], [9, 1]], [[5, 6], [5, 6]], [[7, 8], [6, 7]]),
+        # left padding: row 0 has 3 real tokens, row 1 has 2; CLS is the first real token
+        ([[0, 1, 1, 1], [0, 0, 1, 1]], [[3, 4], [4, 5]], [[5, 6], [5, 6]], [[7, 8], [6, 7]]),
     ],
 )
 def test_pooling_by_hand(mask, cls, mean, eos):
@@ -29,11 +29,38 @@ def test_pooling_by_hand(mask, cls, mean, eos):
     assert torch.equal(pool(HIDDEN, mask, "mean"), torch.tensor(mean, dtype=torch.float))
     assert torch.equal(pool(HIDDEN, mask, "eos"), torch.tensor(eos, dtype=torch.float))
     assert torch.equal(pool(HIDDEN, mask, "eos_reference"), HIDDEN[:, -1])
+    assert torch.equal(pool(HIDDEN, mask, "lasttoken"), torch.tensor(eos, dtype=torch.float))
+
+
+@pytest.mark.parametrize(
+    "mask, maximum, sqrt_len, weighted",
+    [
+        # right padding; weights 1, 2, 3 from the first real token
+        (
+            [[1, 1, 1, 0], [1, 1, 0, 0]],
+            [[5, 6], [9, 3]],
+            [[9 / 3**0.5, 12 / 3**0.5], [11 / 2**0.5, 4 / 2**0.5]],
+            [[(1 + 6 + 15) / 6, (2 + 8 + 18) / 6], [(9 + 4) / 3, (1 + 6) / 3]],
+        ),
+        # left padding: the same weights, counted from the first real token
+        (
+            [[0, 1, 1, 1], [0, 0, 1, 1]],
+            [[7, 8], [6, 7]],
+            [[15 / 3**0.5, 18 / 3**0.5], [10 / 2**0.5, 12 / 2**0.5]],
+            [[(3 + 10 + 21) / 6, (4 + 12 + 24) / 6], [(4 + 12) / 3, (5 + 14) / 3]],
+        ),
+    ],
+)
+def test_sentence_transformers_poolings_by_hand(mask, maximum, sqrt_len, weighted):
+    mask = torch.tensor(mask)
+    torch.testing.assert_close(pool(HIDDEN, mask, "max"), torch.tensor(maximum, dtype=torch.float))
+    torch.testing.assert_close(pool(HIDDEN, mask, "mean_sqrt_len"), torch.tensor(sqrt_len, dtype=torch.float))
+    torch.testing.assert_close(pool(HIDDEN, mask, "weightedmean"), torch.tensor(weighted, dtype=torch.float))
 
 
 def test_unknown_pooling_is_one_line():
-    with pytest.raises(ValueError, match="unknown pooling 'max'") as error:
-        pool(HIDDEN, torch.ones(2, 4), "max")
+    with pytest.raises(ValueError, match="unknown pooling 'min'") as error:
+        pool(HIDDEN, torch.ones(2, 4), "min")
     assert "\n" not in str(error.value)
 
 

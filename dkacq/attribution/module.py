@@ -212,7 +212,7 @@ class AttributionModule(LightningModule):
         readings = self.published_readings()
         return plain(
             {
-                "encoder": asdict(self.preset),
+                "encoder": self.preset.identity(),
                 "weights": weights_identity(self.source),
                 "texts": data.fingerprint() if data is not None else None,
                 "data": {key: data.hparams[key] for key in ("dataset", "split", "max_examples")}

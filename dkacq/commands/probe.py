@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dkacq.commands import output
-from dkacq.datamodules.probe import LAYERS, ProbeDataModule
+from dkacq.datamodules.probe import AUTO_OPTIONS, LAYERS, ProbeDataModule
 from dkacq.formats.atomic import atomic_write_text
 from dkacq.formats.identity import digest, without
 from dkacq.formats.results import ProbeCell, check_cells, finished_ids
@@ -53,6 +53,8 @@ NOT_IDENTITY = (
     "data.collection.corpus_file",
     "data.collection.queries_file",
     "data.collection.query_batch",
+    "data.label",
+    "data.backbone",
     "data.cache_dir",
     "data.cache_name",
     "data.extraction_batch_size",
@@ -127,7 +129,10 @@ class ProbeCLI(LightningCLI):
         """
         config, data = self.run_config, self.datamodule
         options = config.as_dict()
-        setting = without({group: options[group] for group in IDENTITY_GROUPS if group in options}, NOT_IDENTITY)
+        unset = [f"data.{key}" for key in AUTO_OPTIONS if options["data"].get(key) is None]
+        setting = without(
+            {group: options[group] for group in IDENTITY_GROUPS if group in options}, NOT_IDENTITY + tuple(unset)
+        )
         setting["embeddings"] = data.cache_request()
         heads = config.heads or [config.model.head]
         cells = []

