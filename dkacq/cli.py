@@ -63,7 +63,8 @@ def package_version() -> str:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Run the command that ``args`` (default ``sys.argv[1:]``) names; its exceptions propagate."""
+    """Run the command that ``args`` (default ``sys.argv[1:]``) names; its exceptions propagate. SIGTERM
+    or SIGUSR1 stops it, says what is saved and exits with 128 + the signal (:mod:`dkacq.commands.stopping`)."""
     args = sys.argv[1:] if args is None else list(args)
     if args[:1] in (["-h"], ["--help"]):
         print(USAGE)
@@ -81,7 +82,10 @@ def main(args: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    importlib.import_module(f"dkacq.commands.{COMMANDS[args[0]]}").run(args)
+    from dkacq.commands import stopping  # imports Lightning: not for --help or --version
+
+    with stopping.handling():
+        importlib.import_module(f"dkacq.commands.{COMMANDS[args[0]]}").run(args)
 
 
 def is_user_error(error: BaseException) -> bool:

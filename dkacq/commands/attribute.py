@@ -14,21 +14,30 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from dkacq.attribution.module import AttributionModule
 from dkacq.attribution.passes import check_fits
 from dkacq.attribution.throughput import TextThroughputBar
-from dkacq.commands import output
+from dkacq.commands import output, stopping
 from dkacq.commands.saved_config import SaveConfigBesideOutputs
 from dkacq.datamodules.texts import TextDataModule
 from dkacq.encoders.loading import model_config
 from dkacq.encoders.memory import free_bytes
 from dkacq.encoders.presets import PRESETS, named_preset
+from dkacq.formats.counts import PROGRESS_DIR, read_segments
 from dkacq.report.attribution_figures import plot_attribution_heatmaps
 
 
 class DkacqTrainer(Trainer):
     def attribute(self, model: AttributionModule, datamodule: TextDataModule | None = None) -> None:
         """Integrated-gradients attribution of a preset's MLP neurons over a text set."""
+        stopping.STATE.doing(lambda: attribution_saved(model, datamodule))
         self.predict(model, datamodule=datamodule, return_predictions=False)
         if not model.written:  # every text was counted by an interrupted run: Lightning ran no epoch
             model.write_results()
+
+
+def attribution_saved(model: AttributionModule, data: TextDataModule) -> str:
+    """What a stopped attribution run has saved, for the stop line (:mod:`~dkacq.commands.stopping`)."""
+    folder = model.output_path
+    texts = sum(len(segment.texts) for segment in read_segments(folder))
+    return f"{texts:,} of {len(data.texts):,} texts are counted and saved in {folder / PROGRESS_DIR}"
 
 
 class SaveAttributionConfig(SaveConfigBesideOutputs):
@@ -77,6 +86,7 @@ class AttributionCLI(LightningCLI):
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if not output.progress_bar_wanted(options):
             callbacks = [callback for callback in callbacks if not isinstance(callback, ProgressBar)]
+        callbacks.append(stopping.StopAtBatchEnd())
         return self._instantiate_trainer(options, callbacks)
 
     def finished(self) -> bool:

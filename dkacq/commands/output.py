@@ -23,10 +23,13 @@ DROPPED = (
     "Restoring states from the checkpoint path",
     "Loaded model weights from the checkpoint",
     "`Trainer.fit` stopped: `max_epochs=",
+    "Received SIGTERM:",
+    "Bypassing SIGTERM:",
 )
 """Lightning's info lines that never help a dkacq user: advertisements, which file a cell's best epoch
 is restored from (the command names the cell; ``results.csv`` and the checkpoint folder say the rest),
-and that a fit ran the epochs it was asked for (its bar says so; other reasons to stop still show)."""
+that a fit ran the epochs it was asked for (its bar says so; other reasons to stop still show), and
+Lightning's note of a SIGTERM (the command says in one line what a signal stopped and what is saved)."""
 DROPPED_WITHIN = ("LOAD REPORT",)
 """transformers' table of the weights a load did not match (``BertModel LOAD REPORT``, e.g. a pooler the
 encoder does not use): ``encoders/loading.py`` checks every load itself and refuses, in one line that names
@@ -47,6 +50,7 @@ LIBRARY_LOGGERS = (
     "lightning_utilities.core.rank_zero",
     "lightning.fabric.utilities.seed",
     "lightning.pytorch.accelerators.cuda",
+    "lightning.pytorch.trainer.connectors.signal_connector",
     "transformers.modeling_utils",
     "transformers.modeling_layers",
     "transformers.utils.loading_report",

@@ -11,8 +11,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dkacq.commands import output
+from dkacq.commands import output, stopping
 from dkacq.datamodules.probe import AUTO_OPTIONS, LAYERS, ProbeDataModule
+from dkacq.encoders.extraction import saved_batches
 from dkacq.formats.atomic import atomic_write_text
 from dkacq.formats.identity import digest, without
 from dkacq.formats.results import ProbeCell, check_cells, finished_ids
@@ -106,11 +107,13 @@ class ProbeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The trainer, with a bar that names the cell (:class:`~dkacq.commands.output.CellProgressBar`)
-        where a bar is shown and the user's callbacks hold none of their own."""
+        where a bar is shown and the user's callbacks hold none of their own, and the stop at a batch's
+        end on SIGTERM or SIGUSR1 (:mod:`~dkacq.commands.stopping`)."""
         options = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
         if output.progress_bar_wanted(options):
             callbacks.append(output.CellProgressBar())
+        callbacks.append(stopping.StopAtBatchEnd())
         return self._instantiate_trainer(options, callbacks)
 
     @property
@@ -215,8 +218,11 @@ class ProbeCLI(LightningCLI):
         cells = self.plan()
         output.checked()
         self._save_config()
-        trainer = self.run_config.trainer
-        self.datamodule.prepare_data(trainer.accelerator, trainer.devices, trainer.num_nodes, trainer.strategy)
+        trainer, data = self.run_config.trainer, self.datamodule
+        stopping.STATE.doing(lambda: cache_saved(data.embeddings_folder))
+        data.prepare_data(
+            trainer.accelerator, trainer.devices, trainer.num_nodes, trainer.strategy, [stopping.StopAtBatchEnd()]
+        )
         done = finished_ids(self.results.results_path) if self.results.skip_finished else set()
         todo = [cell for cell in cells if cell.id not in done]
         if len(todo) < len(cells):
@@ -277,6 +283,9 @@ def run_cells(
     """
     if share_layers:
         jobs = sorted(jobs, key=lambda job: job[1].layer)  # stable: settings, then heads, within a layer
+    tables = ", ".join(dict.fromkeys(str(parent.results.results_path) for parent, _ in jobs))
+    finished = 0
+    stopping.STATE.doing(lambda: f"{finished} of {len(jobs)} probe cells done, each recorded in {tables}")
     with LAYERS.sharing() if share_layers else contextlib.nullcontext():
         for number, (parent, cell) in enumerate(jobs, 1):
             output.say(f"[{number}/{len(jobs)}] {cell.label}")
@@ -286,6 +295,16 @@ def run_cells(
             finally:
                 cli.datamodule.release()
                 del cli
+            finished += 1
+
+
+def cache_saved(folder: Path) -> str:
+    """What a stopped cache build has saved, for the stop line (:mod:`~dkacq.commands.stopping`)."""
+    found = saved_batches(folder)
+    if found is None:
+        return f"the embedding cache {folder} was being prepared; nothing of it is written yet"
+    staging, done, total = found
+    return f"the embedding cache {folder} was being built: {done:,} of {total:,} batches are saved in {staging}"
 
 
 def fit_settings(clis: list[ProbeCLI], ckpt_path: str | None = None, share_layers: bool = True, **kwargs) -> None:

@@ -2,7 +2,7 @@
 
 import gc
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from functools import cached_property
@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 from datasets import DatasetDict
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import Callback, LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -434,20 +434,25 @@ class ProbeDataModule(LightningDataModule):
         return layers
 
     def prepare_data(
-        self, accelerator: str = "auto", devices: int | str = 1, num_nodes: int = 1, strategy: str = "auto"
+        self,
+        accelerator: str = "auto",
+        devices: int | str = 1,
+        num_nodes: int = 1,
+        strategy: str = "auto",
+        callbacks: Sequence[Callback] = (),
     ) -> None:
         """Build the cache unless a complete one of the same request exists, on the given devices.
 
         Global rank 0 builds under a file lock, so that a second job building the same cache waits and
         then reuses it; the other ranks of a distributed build (``ddp``, torchrun, SLURM) join rank 0's
         build without the lock, which rank 0 holds. The cache folder must be on a file system every
-        node sees.
+        node sees. ``callbacks`` join the build's trainer (the command's stop at a batch's end).
         """
         request = self.cache_request()
         distribution = dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, strategy=strategy)
         if extraction.process_rank(**distribution) > 0:
             if open_cache(self.embeddings_folder, request) is None:
-                self._build(request, distribution)
+                self._build(request, distribution, callbacks)
             return
         with file_lock(self.embeddings_folder):
             try:
@@ -455,9 +460,9 @@ class ProbeDataModule(LightningDataModule):
                     return
             except CacheDamagedError as error:
                 log.warning("%s (rebuilding it now)", error)
-            self._build(request, distribution)
+            self._build(request, distribution, callbacks)
 
-    def _build(self, request: dict, distribution: dict) -> None:
+    def _build(self, request: dict, distribution: dict, callbacks: Sequence[Callback]) -> None:
         probe_set, _ = self.load_probe_set()
         query_encoder, passage_encoder = loading.load_encoders(self.preset)
         extraction.build_cache(
@@ -470,6 +475,7 @@ class ProbeDataModule(LightningDataModule):
             self.precision,
             self.hparams.cache_dtype,
             label=self.preset.label,
+            callbacks=list(callbacks),
             **distribution,
         )
 

@@ -402,6 +402,22 @@ def finish(plan: BuildPlan, manifest: dict, index: dict[str, Tensor], speeds: li
     )
 
 
+def saved_batches(folder: Path) -> tuple[Path, int, int] | None:
+    """The staging folder of the build into ``folder`` that saved a batch last, with the batches it has
+    saved and the build's number of batches; None when no build into ``folder`` has been prepared."""
+    found = []
+    for staging in folder.parent.glob(f".{folder.name}.*.partial"):
+        identity = read_json(staging / BUILD_FILE)
+        if not isinstance(identity, dict):
+            continue
+        layout, size = identity["layout"], identity["batch_size"]
+        total = -(-layout["num_queries"] // size) + -(-layout["num_passages"] // size)
+        done = read_progress(staging, total, identity["num_hidden_states"])
+        changed = max(path.stat().st_mtime_ns for path in [staging, *(staging / PROGRESS_DIR).glob("*")])
+        found.append((changed, staging, len(done), total))
+    return max(found)[1:] if found else None
+
+
 def texts_in(batch) -> int:
     """How many texts a batch holds: a list of texts, or a mapping of ``[batch, ...]`` tensors."""
     if isinstance(batch, Mapping):
@@ -566,6 +582,7 @@ def _predict(
     devices: int | str | list[int],
     num_nodes: int,
     strategy: str | Strategy,
+    callbacks: list[Callback],
 ) -> None:
     trainer = Trainer(
         accelerator=accelerator,
@@ -574,7 +591,7 @@ def _predict(
         strategy=strategy,
         precision=precision,
         logger=False,
-        callbacks=[writer, CacheProgressBar(label)],
+        callbacks=[writer, CacheProgressBar(label), *callbacks],
         enable_checkpointing=False,
         enable_model_summary=False,
         use_distributed_sampler=False,  # each rank's batches are chosen by CacheBuildData
@@ -599,6 +616,7 @@ def build_cache(
     devices: int | str | list[int] = 1,
     num_nodes: int = 1,
     strategy: str | Strategy = "auto",
+    callbacks: list[Callback] = (),
 ) -> EmbeddingCache:
     """Encode every distinct query and passage of ``probe_set`` at every hidden state into ``folder``,
     with ``Trainer.predict`` on ``devices`` of ``accelerator`` on each of ``num_nodes`` nodes (Lightning's
@@ -612,6 +630,7 @@ def build_cache(
     request encodes only the batches it had not written; see the module's docstring. Builds into one
     folder must not run at once (``ProbeDataModule.prepare_data`` holds a lock). A bar per side shows the
     progress: ``caching <label>: queries``, then ``passages`` (``label``: the folder's name when not given).
+    ``callbacks`` join the build's trainer, after its writer.
     """
     folder, precision = Path(folder), precision or default_precision()
     label = label or folder.name
@@ -672,6 +691,7 @@ def build_cache(
         devices,
         num_nodes,
         strategy,
+        list(callbacks),
     )
     found = read_manifest(folder)
     if found is None:

@@ -33,14 +33,15 @@ CURVE_COLUMNS = ("test_acc", "val_acc")
 class ProbeResults(Callback):
     """Records the tested probe of :attr:`cell` (set by the command for each cell it runs)."""
 
-    def __init__(self, run_dir: str = "runs/probe", skip_finished: bool = False):
+    def __init__(self, run_dir: str = "runs/probe", skip_finished: bool = True):
         """
         Args:
             run_dir: the run's output folder: ``results.csv``, ``predictions/``, ``configs/`` and
                 TensorBoard logs.
-            skip_finished: leave out cells that ``results.csv`` holds from the same settings (to resume
-                an interrupted run); otherwise such a cell is fitted again and its row replaced. A cell
-                held from other settings is refused either way.
+            skip_finished: leave out cells that ``results.csv`` holds from the same settings, so that a
+                stopped run resumes when run again (a cell's numbers depend on nothing but its identity);
+                false fits such a cell again and replaces its row. A cell held from other settings is
+                refused either way.
         """
         self.run_dir = Path(run_dir)
         self.skip_finished = skip_finished
