@@ -194,10 +194,13 @@ def test_attribute_runs_without_a_progress_bar(tiny_bert_dir, probe_files, tmp_p
 
 
 def test_attributes_bar_counts_texts(tiny_bert_dir, probe_files, tmp_path, monkeypatch, capsys):
+    """At a terminal (in a log file, lines: tests/test_throughput.py)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     main(_attribute_args(tiny_bert_dir, probe_files, tmp_path))
     lines = _lines(capsys.readouterr().out)
     assert any(re.match(r"attributing \S+: passages 100%.* 4/4 \[.* texts/s\]$", line) for line in lines), lines
+    assert any(re.match(r"attributing \S+: passages: first batch, 2 texts in [\d.]+ s", line) for line in lines), lines
     assert lines[-1] == str(tmp_path / "out")
 
 
