@@ -243,7 +243,7 @@ class ProbeDataModule(LightningDataModule):
         cache_dir: str = ".cache/dkacq",
         cache_name: str | None = None,
         cache_dtype: CacheDtype = "float32",
-        extraction_batch_size: int = 64,
+        extraction_batch_size: int | Literal["auto"] = 64,
         extraction_precision: ExtractionPrecision | None = None,
         verify_cache: bool = False,
     ):
@@ -305,7 +305,9 @@ class ProbeDataModule(LightningDataModule):
                 preset's name, with the model, pooling and random-init seed it was given); a cache
                 built with other settings is never reused: it is an error.
             cache_dtype: float32, float16 or bfloat16 storage of cached vectors.
-            extraction_batch_size: texts per forward pass while caching.
+            extraction_batch_size: texts per forward pass while caching; ``auto``: the largest power of two
+                that fits the device's memory for the longest text (``dkacq/encoders/memory.py``), at most
+                1,024 on a GPU and 64 on a CPU; the manifest records the number used.
             extraction_precision: Lightning precision while caching; bf16-true on a GPU by default.
             verify_cache: check every cache file's checksum before use (its size is checked always); a
                 damaged cache is rebuilt.

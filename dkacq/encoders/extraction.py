@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ from dkacq.encoders.cache import (
     resumable_staging,
     write_rank_progress,
 )
+from dkacq.encoders.memory import auto_extraction_batch_size, running_dtype
 from dkacq.encoders.text_encoder import TextEncoder
 from dkacq.formats.atomic import atomic_write_text
 from dkacq.formats.provenance import hardware, package_versions
@@ -541,6 +543,25 @@ def sorted_unique(encoder: TextEncoder, texts: list[str]) -> tuple[list[str], li
     return [unique[i] for i in order], [ids[i] for i in order]
 
 
+def auto_batch_size(
+    query_encoder: TextEncoder,
+    passage_encoder: TextEncoder,
+    query_ids: list[list[int]],
+    passage_ids: list[list[int]],
+    precision: str,
+    accelerator: str,
+) -> int:
+    """``batch_size="auto"``: :func:`~dkacq.encoders.memory.auto_extraction_batch_size` for the longest
+    text (the first of each side: they are sorted longest first) on the accelerator's first device."""
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    dtype = running_dtype(precision)
+    tokens = max(len(ids[0]) for ids in (query_ids, passage_ids) if ids)
+    transformers = {id(encoder.transformer): encoder.transformer for encoder in (query_encoder, passage_encoder)}
+    configs = [transformer.config for transformer in transformers.values()]
+    return auto_extraction_batch_size(configs, dtype, tokens, device)
+
+
 def default_precision() -> str:
     return "bf16-true" if torch.cuda.is_available() else "32-true"
 
@@ -607,7 +628,7 @@ def build_cache(
     query_encoder: TextEncoder,
     passage_encoder: TextEncoder,
     probe_set: DatasetDict,
-    batch_size: int = 64,
+    batch_size: int | Literal["auto"] = 64,
     precision: str | None = None,
     storage_dtype: str = "float32",
     label: str | None = None,
@@ -639,6 +660,8 @@ def build_cache(
         p for split in probe_set.values() for column in EXAMPLE_COLUMNS[1:] for p in split[column] if p is not None
     ]
     passages, passage_ids = sorted_unique(passage_encoder, passage_texts)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(query_encoder, passage_encoder, query_ids, passage_ids, precision, accelerator)
     num_states, dim = query_encoder.num_hidden_states, query_encoder.hidden_size
     if (passage_encoder.num_hidden_states, passage_encoder.hidden_size) != (num_states, dim):
         raise ValueError("query and passage encoders must have the same number of layers and hidden size")

@@ -31,6 +31,15 @@ def total_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().total)
 
 
+TRUE_PRECISIONS = {"bf16-true": torch.bfloat16, "16-true": torch.float16, "64-true": torch.float64}
+
+
+def running_dtype(precision: str) -> torch.dtype:
+    """The dtype of weights and activations under Lightning's ``precision``: a ``-true`` precision's own,
+    else float32 (mixed precisions keep float32 weights; their half activations leave room to spare)."""
+    return TRUE_PRECISIONS.get(precision, torch.float32)
+
+
 def budget_bytes(available: int, margin: float = SAFETY_MARGIN) -> int:
     """What a pass may use of ``available`` bytes: all but the safety margin."""
     return int(available * (1.0 - margin))
@@ -53,11 +62,26 @@ def extraction_bytes_per_text_token(config, element_bytes: int, tokens: int) -> 
 
 def extraction_batch_size(config, element_bytes: int, tokens: int, budget: int, most: int) -> int:
     """The largest power of two of texts of ``tokens`` tokens whose extraction pass fits ``budget`` bytes,
-    between 1 and ``most``. A power of two, so that devices of similar memory choose the same batches
-    (the cache's batches are part of its build: the same batches resume an interrupted build)."""
+    between 1 and ``most``. A power of two, so that devices of similar memory choose the same batches."""
     per_text = tokens * extraction_bytes_per_text_token(config, element_bytes, tokens)
     fit = max(1, budget // per_text)
     return int(min(most, 2 ** int(math.log2(fit))))
+
+
+AUTO_EXTRACTION_MOST = {"cuda": 1024, "cpu": 64}
+"""The largest batch ``auto`` takes: on a CPU larger batches are no faster, and 64 is the default."""
+
+
+def auto_extraction_batch_size(configs, dtype: torch.dtype, tokens: int, device: torch.device) -> int:
+    """``--data.extraction_batch_size auto``: :func:`extraction_batch_size` for the longest text, in the
+    device's whole memory less the encoders' weights and the safety margin. The whole memory, not the
+    free: every process of a build must choose the same batches (they are the build's layout, and a
+    resumed build must find them again), whatever else its device holds at that moment. ``configs``: the
+    query and passage encoders' configs (one, when they are the same model); the largest decides."""
+    weights = sum(weight_bytes(config, dtype) for config in configs)
+    budget = budget_bytes(total_bytes(device) - weights, SAFETY_MARGIN)
+    most = AUTO_EXTRACTION_MOST["cuda" if device.type == "cuda" else "cpu"]
+    return min(extraction_batch_size(config, dtype.itemsize, tokens, budget, most) for config in configs)
 
 
 def weight_bytes(config, dtype: torch.dtype) -> int:
