@@ -14,9 +14,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from dkacq.commands import output, stopping
 from dkacq.datamodules.probe import AUTO_OPTIONS, LAYERS, ProbeDataModule
 from dkacq.encoders.extraction import saved_batches
-from dkacq.formats.atomic import atomic_write_text
+from dkacq.formats.atomic import atomic_write_text, check_writable
 from dkacq.formats.identity import digest, without
-from dkacq.formats.results import ProbeCell, check_cells, finished_ids
+from dkacq.formats.results import ProbeCell, check_cells, finished_ids, read_table
 from dkacq.probe.baselines import baseline_cells, record_baselines, record_layer_baselines
 from dkacq.probe.heads import Head
 from dkacq.probe.linear_probe import LinearProbe
@@ -125,11 +125,15 @@ class ProbeCLI(LightningCLI):
     def results(self) -> ProbeResults:
         return next(callback for callback in self.trainer.callbacks if isinstance(callback, ProbeResults))
 
-    def plan(self) -> list[ProbeCell]:
+    def plan(self, writing: bool = True) -> list[ProbeCell]:
         """Every (head, layer) cell of this run with its identity, checked against the results table.
 
-        Reads the probe set, the model's config file and the weights' identity; builds nothing.
+        The table is checked first (dkacq's, not cut short, and, when ``writing``, writable), then the
+        probe set, the model's config file and the weights' identity are read; builds nothing.
         """
+        read_table(self.results.results_path)
+        if writing:
+            check_writable(self.results.results_path)
         config, data = self.run_config, self.datamodule
         options = config.as_dict()
         unset = [f"data.{key}" for key in AUTO_OPTIONS if options["data"].get(key) is None]
@@ -242,7 +246,7 @@ class ProbeCLI(LightningCLI):
         self.fit_cells(ckpt_path, **kwargs)
 
     def validate(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        cells = self.plan()
+        cells = self.plan(writing=False)
         output.checked()
 
         def validate(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> None:

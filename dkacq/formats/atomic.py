@@ -14,6 +14,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from dkacq.formats.errors import DkacqError
+
 
 def _umask() -> int:
     mask = os.umask(0o022)
@@ -50,6 +52,31 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Refuse, in one line and before any work, a ``path`` that a write through :func:`atomic_write`
+    would fail on or should not replace: a file without write permission (mode 444 is the user's way of
+    saying "keep this", which a rename would not respect), an immutable one, or a folder (the file's,
+    or the nearest one that exists) where no file can be created (permissions, a read-only file system).
+    A file is created and removed in the folder to find out, as the write itself would."""
+    path = Path(path)
+    if path.is_dir():
+        raise DkacqError(f"{path}: a folder, where dkacq writes a file; remove it or choose another place")
+    if path.exists() and (not path.stat().st_mode & 0o222 or not os.access(path, os.W_OK)):
+        mode = f"{path.stat().st_mode & 0o777:o}"
+        raise DkacqError(f"{path}: read-only (mode {mode}); make it writable (chmod u+w) or choose another place")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DkacqError(f"{folder}: a file, where dkacq needs a folder for {path}")
+    try:
+        handle, name = tempfile.mkstemp(dir=folder, prefix=".dkacq-write-check.")
+    except OSError as error:
+        raise DkacqError(f"{folder}: cannot write there ({error.strerror}); {path} needs it") from None
+    os.close(handle)
+    os.unlink(name)
 
 
 def file_lock(path: str | os.PathLike) -> FileLock:

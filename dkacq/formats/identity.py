@@ -49,9 +49,11 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def differences(old: Mapping[str, Any], new: Mapping[str, Any], limit: int = 3) -> str:
-    """The first ``limit`` differing dotted keys as ``key old -> new``, for one-line messages."""
+    """The first ``limit`` differing dotted keys as ``key old -> new``, for one-line messages. Values are
+    compared as the digest sees them (JSON): ``1``, ``1.0`` and ``true`` differ."""
     flat_old, flat_new = _flatten(plain(old)), _flatten(plain(new))
-    changed = [key for key in sorted(flat_old.keys() | flat_new.keys()) if flat_old.get(key) != flat_new.get(key)]
+    keys = sorted(flat_old.keys() | flat_new.keys())
+    changed = [key for key in keys if json.dumps(flat_old.get(key)) != json.dumps(flat_new.get(key))]
     shown = [f"{key} {json.dumps(flat_old.get(key))} -> {json.dumps(flat_new.get(key))}" for key in changed[:limit]]
     more = f" and {len(changed) - limit} more" if len(changed) > limit else ""
     return ", ".join(shown) + more

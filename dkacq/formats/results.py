@@ -12,6 +12,7 @@ Every accuracy comes with its Wilson 95% interval (``test_acc_low``, ``test_acc_
 """
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.torch import save_file
 
 from dkacq.formats.atomic import atomic_write, file_lock
+from dkacq.formats.errors import DkacqError
 from dkacq.formats.identity import canonical, differences, digest
 
 RESULT_COLUMNS = (
@@ -141,12 +143,65 @@ class ProbeCell:
         return f"{self.dataset} {self.model} {self.pooling} N={self.num_passages} layer {self.layer} {self.probe}"
 
 
+class ResultsTableError(DkacqError):
+    """A results table that dkacq cannot read or write as it is: another program's table, one cut short,
+    one that cannot be written."""
+
+
+REQUIRED_COLUMNS = (*CELL_KEY, "test_acc")
+"""The columns without which a table is not one of dkacq's (every version of the table has had them;
+a report also reads tables made by hand with these columns)."""
+
+
+def read_table(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """The header and rows of a results table (none when it does not exist or is empty).
+
+    Refused in one line naming the file, and the line where it applies: a header that is not dkacq's
+    (another program's table, or one saved with ``;`` separators), a row whose number of fields differs
+    from the header's, and a table whose last row is cut short (no end of line, or an open quote).
+    Columns that dkacq does not write (a user's notes) are read and kept.
+    """
+    try:
+        with open(path, encoding="utf-8", newline="") as file:
+            data = file.read()
+    except FileNotFoundError:
+        return [], []
+    except UnicodeDecodeError as error:
+        raise ResultsTableError(f"{path}: not a text file ({error.reason} at byte {error.start})") from None
+    if not data.strip():
+        return [], []
+    try:
+        records = list(csv.reader(io.StringIO(data), strict=True))
+    except csv.Error as error:
+        raise ResultsTableError(f"{path}: {error}; the table may have been cut short") from None
+    header = records[0]
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    if missing:
+        separator = next((mark for mark in (";", "\t", "|") if len(header) == 1 and mark in header[0]), None)
+        how = f"its fields are separated by '{separator}', dkacq's by ','" if separator else f"no {', '.join(missing)}"
+        raise ResultsTableError(
+            f"{path}: not a dkacq results table ({how}); give dkacq another results.run_dir, or save it as dkacq wrote it"
+        )
+    if not data.endswith("\n"):
+        raise ResultsTableError(
+            f"{path}: its last row (line {len(records)}) is cut short (no end of line); remove or complete that row"
+        )
+    rows = []
+    for number, record in enumerate(records[1:], 2):
+        if not record:
+            continue
+        if len(record) != len(header):
+            raise ResultsTableError(
+                f"{path}: line {number} has {len(record)} fields where the header has {len(header)}; "
+                "remove or repair that row"
+            )
+        rows.append(dict(zip(header, record)))
+    return header, rows
+
+
 def read_rows(path: Path) -> list[dict[str, str]]:
-    """The rows of a results table (none when it does not exist yet)."""
-    if not path.exists():
-        return []
-    with open(path, newline="") as file:
-        return list(csv.DictReader(file))
+    """The rows of a results table (none when it does not exist yet), checked by :func:`read_table`."""
+    return read_table(path)[1]
 
 
 OUTCOME_COLUMNS = ("index", "label", "prediction", "correct")
@@ -212,8 +267,16 @@ def conflict(path: Path, rows: list[dict[str, str]], cell: ProbeCell) -> str | N
     for row in rows:
         if _row_key(row) != cell.key or row.get("cell_id") == cell.id:
             continue
-        old = read_identity(path.parent / row["predictions"]) if row.get("predictions") else None
-        changed = differences(old, cell.identity) if old else f"cell_id {row.get('cell_id') or 'unknown'} -> {cell.id}"
+        outcomes = path.parent / row["predictions"] if row.get("predictions") else None
+        old = read_identity(outcomes) if outcomes else None
+        changed = differences(old, cell.identity) if old else ""
+        if not changed:
+            why = "its outcome file records no identity" if not old else "the same options, digested otherwise"
+            changed = f"cell_id {row.get('cell_id') or 'unknown'} -> {cell.id}: {why}"
+        lacking = [column for column in RESULT_COLUMNS if column not in row]
+        if lacking:
+            more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+            changed += f"; the table, an older dkacq's, lacks {', '.join(lacking[:3])}{more}"
         return (
             f"{path} already holds {cell.label} from other settings ({changed}); "
             f"give these settings another results.run_dir, or remove that row"
@@ -222,7 +285,8 @@ def conflict(path: Path, rows: list[dict[str, str]], cell: ProbeCell) -> str | N
 
 
 def check_cells(path: Path, cells: list[ProbeCell]) -> None:
-    """Refuse, before any work, cells that the table holds from other settings."""
+    """Refuse, before any work, a table that cannot be read (:func:`read_table`), and cells that it
+    holds from other settings."""
     rows = read_rows(path)
     for cell in cells:
         reason = conflict(path, rows, cell)
@@ -252,23 +316,27 @@ def upsert_result(path: Path, cell: ProbeCell, values: dict, keep: tuple[str, ..
     """Write the row of ``cell`` into the table, replacing an earlier row of the same identity.
 
     Columns in ``keep`` that ``values`` leaves blank keep the replaced row's values (e.g. how the fit
-    went, :data:`CONVERGENCE_COLUMNS`, when a probe is only tested again).
+    went, :data:`CONVERGENCE_COLUMNS`, when a probe is only tested again). Columns that dkacq does not
+    write (a user's notes) stay where they are with their values, a replaced row's included (blank in a
+    new row); an older table gains the columns it lacks, blank in its rows.
     """
     new = {column: values.get(column, "") for column in RESULT_COLUMNS}
     new.update({column: getattr(cell, column) for column in CELL_KEY}, cell_id=cell.id)
     with file_lock(path):
-        rows = read_rows(path)
+        header, rows = read_table(path)
         reason = conflict(path, rows, cell)
         if reason:
             raise ResultConflictError(reason)
         for old in rows:
             if old.get("cell_id") == cell.id:
                 new.update({column: old[column] for column in keep if new[column] in ("", None) and old.get(column)})
+                new.update({column: value for column, value in old.items() if column not in RESULT_COLUMNS})
         rows = [row for row in rows if row.get("cell_id") != cell.id] + [new]
+        columns = header + [column for column in RESULT_COLUMNS if column not in header]  # a user's columns kept
 
         def write(temporary: Path) -> None:
             with open(temporary, "w", newline="") as file:
-                writer = csv.DictWriter(file, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+                writer = csv.DictWriter(file, fieldnames=columns, restval="")
                 writer.writeheader()
                 writer.writerows(rows)
 
