@@ -1,6 +1,10 @@
 """Tiny models built from config, saved as folders, so every test runs offline in seconds."""
 
+import gzip
+import json
 import os
+import random
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -131,3 +135,41 @@ def write_probe_files(folder, num_train: int = 120, num_test: int = 40, seed: in
 @pytest.fixture
 def probe_files(tmp_path):
     return write_probe_files(tmp_path)
+
+
+STOP_WORDS = {"with", "that", "this", "from", "which", "when", "what", "where", "does"}
+CONTENT_WORDS = [word for word in WORDS if len(word) > 3 and word not in STOP_WORDS]  # the tiny model's words
+
+
+def make_collection(num_docs: int = 80, num_queries: int = 16, seed: int = 0) -> dict:
+    """Random passages of content words; each query is the first words of one passage (its positive,
+    grade 2), with one more passage judged 1 and one judged 0."""
+    rng = random.Random(seed)
+    docs = {
+        f"d{i}": (f"title {i}" if i % 3 else "", " ".join(rng.choices(CONTENT_WORDS, k=14))) for i in range(num_docs)
+    }
+    queries, qrels = {}, []
+    for j in range(num_queries):
+        positive, partial, judged_out = rng.sample(sorted(docs), 3)
+        queries[f"q{j:02d}"] = " ".join(docs[positive][1].split()[:5])
+        qrels += [(f"q{j:02d}", positive, 2), (f"q{j:02d}", partial, 1), (f"q{j:02d}", judged_out, 0)]
+    return {"docs": docs, "queries": queries, "qrels": qrels}
+
+
+def write_beir(folder: Path, collection: dict, gzipped: bool = False, train_queries: set[str] = frozenset()) -> Path:
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gzipped else ""
+    opener = gzip.open if gzipped else open
+    with opener(folder / f"corpus.jsonl{suffix}", "wt") as file:
+        for doc, (title, text) in collection["docs"].items():
+            file.write(json.dumps({"_id": doc, "title": title, "text": text}) + "\n")
+    with opener(folder / f"queries.jsonl{suffix}", "wt") as file:
+        for query, text in collection["queries"].items():
+            file.write(json.dumps({"_id": query, "text": text, "metadata": {}}) + "\n")
+    for split in ("train", "test"):
+        rows = [row for row in collection["qrels"] if (row[0] in train_queries) == (split == "train")]
+        if rows:
+            with opener(folder / "qrels" / f"{split}.tsv{suffix}", "wt") as file:
+                file.write("query-id\tcorpus-id\tscore\n")
+                file.writelines(f"{q}\t{d}\t{g}\n" for q, d, g in rows)
+    return folder

@@ -1,10 +1,8 @@
 """Collections: BEIR folders, TREC files and ir_datasets ids read into probe sets, with mined negatives."""
 
 import csv
-import gzip
 import json
 import math
-import random
 import re
 from collections import Counter
 from pathlib import Path
@@ -12,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import WORDS
+from conftest import make_collection, write_beir
 
 from dkacq.cli import main
 from dkacq.data import mining
@@ -21,43 +19,7 @@ from dkacq.data.examples import ProbeDataError
 from dkacq.data.sampling import draw_passage_orders
 from dkacq.data.storage import stored_probe_set
 from dkacq.formats.results import ResultConflictError
-
-STOP_WORDS = {"with", "that", "this", "from", "which", "when", "what", "where", "does"}
-CONTENT_WORDS = [word for word in WORDS if len(word) > 3 and word not in STOP_WORDS]  # the tiny model's words
-
-
-def make_collection(num_docs: int = 80, num_queries: int = 16, seed: int = 0) -> dict:
-    """Random passages of content words; each query is the first words of one passage (its positive,
-    grade 2), with one more passage judged 1 and one judged 0."""
-    rng = random.Random(seed)
-    docs = {
-        f"d{i}": (f"title {i}" if i % 3 else "", " ".join(rng.choices(CONTENT_WORDS, k=14))) for i in range(num_docs)
-    }
-    queries, qrels = {}, []
-    for j in range(num_queries):
-        positive, partial, judged_out = rng.sample(sorted(docs), 3)
-        queries[f"q{j:02d}"] = " ".join(docs[positive][1].split()[:5])
-        qrels += [(f"q{j:02d}", positive, 2), (f"q{j:02d}", partial, 1), (f"q{j:02d}", judged_out, 0)]
-    return {"docs": docs, "queries": queries, "qrels": qrels}
-
-
-def write_beir(folder: Path, collection: dict, gzipped: bool = False, train_queries: set[str] = frozenset()) -> Path:
-    (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    suffix = ".gz" if gzipped else ""
-    opener = gzip.open if gzipped else open
-    with opener(folder / f"corpus.jsonl{suffix}", "wt") as file:
-        for doc, (title, text) in collection["docs"].items():
-            file.write(json.dumps({"_id": doc, "title": title, "text": text}) + "\n")
-    with opener(folder / f"queries.jsonl{suffix}", "wt") as file:
-        for query, text in collection["queries"].items():
-            file.write(json.dumps({"_id": query, "text": text, "metadata": {}}) + "\n")
-    for split in ("train", "test"):
-        rows = [row for row in collection["qrels"] if (row[0] in train_queries) == (split == "train")]
-        if rows:
-            with opener(folder / "qrels" / f"{split}.tsv{suffix}", "wt") as file:
-                file.write("query-id\tcorpus-id\tscore\n")
-                file.writelines(f"{q}\t{d}\t{g}\n" for q, d, g in rows)
-    return folder
+from dkacq.probe.retrieval_measures import TopK, mean_measures, query_measures
 
 
 def write_trec(folder: Path, collection: dict) -> dict:
@@ -303,6 +265,19 @@ def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_p
     assert {row["probe"] for row in rows} >= {"concat", "similarity_cosine", "shortcut_least_negative"}
     with pytest.raises(ResultConflictError, match="data.collection.negative_ranks"):
         main([*args, "--data.collection.negative_ranks=[1,50]"])
+    with open(tmp_path / "run" / "retrieval.csv") as file:
+        retrieval = list(csv.DictReader(file))
+    assert sorted((row["layer"], row["similarity"], row["scope"]) for row in retrieval) == [
+        ("2", "cosine", "corpus"),
+        ("2", "dot", "corpus"),
+    ]
+    assert all(row["num_passages"] == "80" and 0 <= float(row["ndcg@10"]) <= 1 for row in retrieval)
+    # above the corpus limit each query ranks its pool: its BM25 top 100 (of 80 passages) and its judged
+    # passages, so every relevant passage is in the top 100
+    main([*args, "--data.collection.retrieval_limit=10", "--results.run_dir=pool"])
+    with open(tmp_path / "pool" / "retrieval.csv") as file:
+        pooled = list(csv.DictReader(file))
+    assert {row["scope"] for row in pooled} == {"pool"} and {row["recall@100"] for row in pooled} == {"1.00000"}
     manifest = json.loads((tmp_path / ".cache/dkacq/toy/probe_set/manifest.json").read_text())
     assert manifest["provenance"]["negatives"]["source"] == "bm25"
     assert np.load(next((tmp_path / ".cache/dkacq/toy/mining").glob("corpus-*/doc_ids.npy"))).size == 80
@@ -375,3 +350,48 @@ def test_an_ir_datasets_collection_not_fetched_is_one_line_saying_how(tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(ProbeDataError, match="no such data set id"):
         stored_probe_set(tmp_path / "s" / "probe_set", "ir_datasets", dataset_id="dkacq-test/unknown", negatives="bm25")
+
+
+def test_retrieval_measures_equal_ir_measures_on_a_hand_made_run():
+    ir_measures = pytest.importorskip("ir_measures")
+    grades = {
+        "a": {"d1": 2, "d2": 1, "d3": 0, "d9": 3, "d50": 1},
+        "b": {"d4": 1, "d7": 0},
+        "c": {"d5": 2, "d6": 1},
+    }
+    rankings = {
+        "a": ["d3", "d2", "x1", "d1", "x2", "x3", "x4", "x5", "x6", "x7", "d9"] + [f"y{i}" for i in range(100)],
+        "b": [f"z{i}" for i in range(12)] + ["d4"],
+        "c": ["d6", "d5"],
+    }
+    qrels = [ir_measures.Qrel(q, d, g) for q, docs in grades.items() for d, g in docs.items()]
+    run = [ir_measures.ScoredDoc(q, d, 1000.0 - rank) for q, docs in rankings.items() for rank, d in enumerate(docs)]
+    for threshold in (1, 2):
+        measures = [ir_measures.nDCG @ 10, ir_measures.RR(rel=threshold) @ 10, ir_measures.R(rel=threshold) @ 100]
+        oracle = ir_measures.calc_aggregate(measures, qrels, run)
+        ours = mean_measures(
+            [query_measures(rankings[q], grades[q], threshold) for q in grades if max(grades[q].values()) >= threshold]
+        )
+        if threshold == 1:  # every query has a passage at the threshold
+            assert ours["ndcg@10"] == pytest.approx(oracle[measures[0]])
+            assert ours["mrr@10"] == pytest.approx(oracle[measures[1]])
+            assert ours["recall@100"] == pytest.approx(oracle[measures[2]])
+        else:  # b has none at grade 2: left out here, scored 0 by trec_eval's averages over all queries
+            kept = [q for q in grades if max(grades[q].values()) >= threshold]
+            per_query = {(r.measure, r.query_id): r.value for r in ir_measures.iter_calc(measures, qrels, run)}
+            assert ours["mrr@10"] == pytest.approx(sum(per_query[measures[1], q] for q in kept) / len(kept))
+            assert ours["recall@100"] == pytest.approx(sum(per_query[measures[2], q] for q in kept) / len(kept))
+
+
+def test_chunked_exact_search_keeps_the_true_top_k():
+    generator = torch.Generator().manual_seed(0)
+    queries, passages = torch.randn(7, 16, generator=generator), torch.randn(530, 16, generator=generator)
+    for similarity in ("cosine", "dot"):
+        search = TopK(queries, 20, similarity)
+        for start in range(0, 530, 64):
+            search.add(passages[start : start + 64], torch.arange(start, min(start + 64, 530)))
+        if similarity == "cosine":
+            full = torch.nn.functional.normalize(queries, dim=1) @ torch.nn.functional.normalize(passages, dim=1).T
+        else:
+            full = queries @ passages.T
+        assert search.ranking() == full.topk(20, dim=1).indices.tolist()

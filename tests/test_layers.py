@@ -17,7 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"formats"},
     "encoders": {"data", "formats"},
     "datamodules": {"data", "encoders", "formats"},
-    "probe": {"data", "formats"},
+    "probe": {"data", "encoders", "formats"},
     "attribution": {"data", "encoders", "formats"},
     "compare": {"encoders", "formats"},
     "report": {"compare", "encoders", "formats", "probe"},

@@ -21,6 +21,7 @@ from dkacq.probe.baselines import baseline_cells, record_baselines, record_layer
 from dkacq.probe.heads import Head
 from dkacq.probe.linear_probe import LinearProbe
 from dkacq.probe.results import ProbeResults
+from dkacq.probe.retrieval import check_planned_retrieval, record_retrieval
 
 CHECKPOINT_ROOT = Path("checkpoints")
 CLI_SETTINGS = dict(
@@ -56,6 +57,8 @@ NOT_IDENTITY = (
     "data.collection.query_batch",
     "data.label",
     "data.backbone",
+    "data.collection.retrieval",
+    "data.collection.retrieval_limit",
     "data.cache_dir",
     "data.cache_name",
     "data.extraction_batch_size",
@@ -157,6 +160,7 @@ class ProbeCLI(LightningCLI):
                 )
             )
         check_cells(self.results.results_path, cells + baseline_cells(data))
+        check_planned_retrieval(data, self.results.run_dir)
         return cells
 
     def _checkpoint_folder(self, cell: ProbeCell) -> Path:
@@ -332,6 +336,7 @@ def fit_settings(clis: list[ProbeCLI], ckpt_path: str | None = None, share_layer
     run_cells(jobs, fit, share_layers)
     for cli in clis:  # settings or layers whose probes were all finished earlier: their baselines, once
         record_baselines(cli.datamodule, cli.results.run_dir, skip_finished=True, config_file=cli.results.config_file)
+        record_retrieval(cli.datamodule, cli.results.run_dir)  # a collection's layers as retrievers, once
     for path in dict.fromkeys(cli.results.results_path for cli in clis):
         print(path)
 

@@ -75,6 +75,11 @@ class CollectionOptions:
     """Name of the test judgements (BEIR: ``qrels/<name>.tsv``; TREC: ``data.test_file``)."""
     query_batch: int = 1024
     """Queries mined per batch; each batch is saved, so an interrupted mining resumes after the last."""
+    retrieval: bool = True
+    """Measure each probed layer as a retriever of the test queries (``retrieval.csv`` in the run folder)."""
+    retrieval_limit: int = 200_000
+    """Largest corpus searched whole by the retrieval measures; above it each test query ranks its
+    candidate pool (its BM25 top 100 and its judged passages)."""
 
     def check(self) -> None:
         if not 1 <= self.num_negatives <= NUM_NEGATIVES:
@@ -86,13 +91,16 @@ class CollectionOptions:
             raise ValueError(f"collection.test_fraction must be in (0, 1), got {self.test_fraction}")
         if self.near_duplicate is not None and not 0 < self.near_duplicate <= 1:
             raise ValueError(f"collection.near_duplicate must be in (0, 1], got {self.near_duplicate}")
+        if self.retrieval_limit < 1:
+            raise ValueError(f"collection.retrieval_limit must be at least 1, got {self.retrieval_limit}")
         if self.query_batch < 1:
             raise ValueError(f"collection.query_batch must be at least 1, got {self.query_batch}")
 
     def identity(self) -> dict:
         """Every option that can change the examples; the files are identified by their content."""
         options = asdict(self)
-        del options["corpus_file"], options["queries_file"], options["query_batch"]
+        for key in ("corpus_file", "queries_file", "query_batch", "retrieval", "retrieval_limit"):
+            del options[key]
         options["negative_ranks"] = list(self.negative_ranks)
         return options
 
@@ -391,20 +399,27 @@ def split_queries(queries: list[str], test_fraction: float, seed: int) -> tuple[
     return sorted(order[num_test:]), sorted(order[:num_test])
 
 
-def read_collection_set(
-    collection: Collection,
-    negatives: mining.NegativeSource,
-    options: CollectionOptions,
-    work_folder: Path,
-) -> tuple[ProbeSetRead, dict]:
-    """The probe set of a collection and its provenance (what goes into its identity beside the examples).
+@dataclass(frozen=True)
+class JudgedQueries:
+    """The judged queries of a collection as split for probing, with their texts and grades."""
 
-    Train and test are the collection's own splits when it has both (queries judged in both are kept
+    query_ids: dict[str, list[str]]
+    """``train`` and ``test`` query ids, sorted; never a query in both."""
+    grades: dict[str, dict[str, int]]
+    """query -> passage -> grade, for every judged query of either split."""
+    positives: dict[str, list[str]]
+    """The passages of each query at the relevance threshold (queries with a text and at least one)."""
+    texts: dict[str, str]
+    """The text of each query in ``positives``."""
+    split: dict
+    """How the split was made (recorded in the provenance)."""
+    dropped: dict[str, dict[str, int]]
+
+
+def judged_queries(collection: Collection, options: CollectionOptions) -> JudgedQueries:
+    """Train and test are the collection's own splits when it has both (queries judged in both are kept
     in test only, counted under ``in_test``), else a seeded split of the test queries by query
-    (``options.test_fraction``, ``options.seed``). One example per (query, relevant passage), in query-id
-    then passage-id order; its negatives come from :func:`dkacq.data.mining.negatives`, which keeps
-    judged passages of grade above 0 out. ``work_folder`` holds the mining's resumable state.
-    """
+    (``options.test_fraction``, ``options.seed``). Reads the judgements and the queries, not the corpus."""
     options.check()
     test = _grades(collection, options.test_split)
     if test is None:
@@ -436,6 +451,24 @@ def read_collection_set(
     for name, ids in query_ids.items():
         dropped[name]["unknown_query"] = sum(1 for query in ids if query in positives and query not in query_texts)
     positives = {query: docs for query, docs in positives.items() if query in query_texts}
+    return JudgedQueries(query_ids, grades, positives, query_texts, split, dropped)
+
+
+def read_collection_set(
+    collection: Collection,
+    negatives: mining.NegativeSource,
+    options: CollectionOptions,
+    work_folder: Path,
+) -> tuple[ProbeSetRead, dict]:
+    """The probe set of a collection and its provenance (what goes into its identity beside the examples).
+
+    The queries are split by :func:`judged_queries`. One example per (query, relevant passage), in
+    query-id then passage-id order; its negatives come from :func:`dkacq.data.mining.negatives`, which
+    keeps judged passages of grade above 0 out. ``work_folder`` holds the mining's resumable state.
+    """
+    judged_set = judged_queries(collection, options)
+    query_ids, grades, positives = judged_set.query_ids, judged_set.grades, judged_set.positives
+    query_texts, split, dropped = judged_set.texts, judged_set.split, judged_set.dropped
 
     judged = {query: {doc for doc, grade in grades[query].items() if grade > 0} for query in positives}
     not_relevant = {query: sorted(doc for doc, grade in grades[query].items() if grade <= 0) for query in positives}

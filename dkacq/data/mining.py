@@ -92,13 +92,12 @@ def negatives(
     cheaply (file digests or an ir_datasets id), naming the work folders.
     """
     check_source(source)
-    folder = Path(folder) / f"corpus-{digest(collection_request, 16)}"
+    folder = work_folder(folder, collection_request)
     wanted = options.num_negatives * RESERVE
     if source == "bm25":
-        corpus, doc_ids, index, tokenizer = _bm25_index(passages, folder)
-        rows = _search(index, tokenizer, folder, queries, options)
         first, last = options.negative_ranks
-        ranked = {query: [doc_ids[row] for row in found[first - 1 : last] if row >= 0] for query, found in rows.items()}
+        corpus, ranked = bm25_rankings(passages, queries, folder, last, options.query_batch)
+        ranked = {query: found[first - 1 : last] for query, found in ranked.items()}
         method = {"source": "bm25", "library": f"bm25s {_bm25s().__version__}", **BM25, "tokenizer": TOKENIZER}
     else:
         corpus, doc_ids = _scan(passages, folder)
@@ -122,6 +121,21 @@ def negatives(
             _rng(options, query).shuffle(pool)
         candidates[query] = pool[:wanted]
     return Mined(candidates, corpus, method)
+
+
+def work_folder(folder: Path, collection_request: dict) -> Path:
+    """Where a collection's corpus scan, index and searches are kept, under the mining folder."""
+    return Path(folder) / f"corpus-{digest(collection_request, 16)}"
+
+
+def bm25_rankings(
+    passages: Passages, queries: dict[str, str], folder: Path, depth: int, batch: int
+) -> tuple[dict, dict[str, list[str]]]:
+    """The corpus's digest and size, and each query's top ``depth`` passage ids by BM25 (fewer where
+    fewer passages share a word with it), with the index and searches kept in ``folder``."""
+    corpus, doc_ids, index, tokenizer = _bm25_index(passages, folder)
+    rows = _search(index, tokenizer, folder, queries, depth, batch)
+    return corpus, {query: [str(doc_ids[row]) for row in found if row >= 0] for query, found in rows.items()}
 
 
 def choose(positive: str, candidates: list[tuple[str, str]], count: int, near_duplicate: float | None) -> list[str]:
@@ -240,19 +254,14 @@ def _build_index(passages: Passages, folder: Path, index_folder: Path) -> None:
         raise
 
 
-def _search(
-    index, tokenizer, folder: Path, queries: dict[str, str], options: CollectionOptions
-) -> dict[str, np.ndarray]:
-    """Every query's top ``negative_ranks[1]`` passage rows (-1 past the corpus's end), in batches
-    saved as they finish, so that a stopped search resumes."""
+def _search(index, tokenizer, folder: Path, queries: dict[str, str], depth: int, size: int) -> dict[str, np.ndarray]:
+    """Every query's top ``depth`` passage rows (-1 past the corpus's end or without a shared word), in
+    batches of ``size`` saved as they finish, so that a stopped search resumes."""
     order = sorted(queries)
-    depth = options.negative_ranks[1]
-    key = {"queries": digest({query: queries[query] for query in order}, 16), "depth": depth}
-    key["batch"] = options.query_batch
+    key = {"queries": digest({query: queries[query] for query in order}, 16), "depth": depth, "batch": size}
     run = folder / f"bm25-run-{digest(key, 12)}"
     run.mkdir(parents=True, exist_ok=True)
     found: dict[str, np.ndarray] = {}
-    size = options.query_batch
     for number, start in enumerate(range(0, len(order), size)):
         batch = order[start : start + size]
         path = run / f"batch_{number:05d}.npy"
@@ -269,7 +278,7 @@ def _retrieve(index, tokenizer, texts: list[str], depth: int) -> np.ndarray:
     num_docs = index.scores["num_docs"]
     k = min(depth, num_docs)
     tokens = tokenizer.tokenize(texts, update_vocab=False, return_as="ids", show_progress=False)
-    documents, scores = index.retrieve(tokens, k=k, show_progress=False, n_threads=1)
+    documents, scores = index.retrieve(tokens, k=k, show_progress=False, n_threads=-1)
     rows = np.where(scores > 0, documents, -1).astype(np.int64)
     if k < depth:
         rows = np.pad(rows, ((0, 0), (0, depth - k)), constant_values=-1)
