@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import make_collection, write_beir
 
 from dkacq.cli import main
 from dkacq.encoders.presets import PRESETS
@@ -90,8 +91,16 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
     study = yaml.safe_load(config.read_text())
     monkeypatch.chdir(tmp_path)
     study["run_dir"] = str(tmp_path / "study")
-    study["data"] = _tiny_data(probe_files, tmp_path)
     probes = study["probes"]
+    if study["data"].get("source") == "beir":
+        # a collection: a tiny BEIR folder of its layout, mined as configured; one setting per tiny
+        # architecture (BERT, Llama) and one head (the other studies run every head): mining, splitting
+        # and the retrieval rows are what this study adds, and they do not depend on the model or head
+        study["data"] |= {"path": str(write_beir(tmp_path / "beir", make_collection())), "cache_dir": "cache"}
+        eos = [s for s in probes["settings"] if PRESETS[s["encoder"]].pooling.startswith("eos")]
+        probes["settings"], probes["heads"] = probes["settings"][:1] + eos[:1], probes["heads"][:1]
+    else:
+        study["data"] = _tiny_data(probe_files, tmp_path)
     probes["config"] = str(Path(__file__).parents[1] / probes["config"])
     probes["num_passages"] = probes["num_passages"][:1]
     probes["options"] = {"trainer": {"max_epochs": 1, "enable_progress_bar": False}}
@@ -121,3 +130,6 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
     for run in study.get("attributions", []):
         assert (tmp_path / "study" / "attribution" / run["name"] / "counts.safetensors").exists(), run["name"]
     assert (tmp_path / "study" / "report" / "report.md").exists()
+    if study["data"]["source"] == "beir":
+        with open(tmp_path / "study" / "probe" / "retrieval.csv") as file:
+            assert len(list(csv.DictReader(file))) == 2 * len(probes["settings"])  # cosine and dot at layer 2
