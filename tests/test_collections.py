@@ -14,11 +14,13 @@ from conftest import make_collection, write_beir
 
 from dkacq.cli import main
 from dkacq.data import mining
-from dkacq.data.collection import CollectionOptions, beir_folder, read_collection_set, split_queries
+from dkacq.data.collection import CollectionOptions, beir_folder, judged_queries, read_collection_set, split_queries
 from dkacq.data.examples import ProbeDataError
 from dkacq.data.sampling import draw_passage_orders
 from dkacq.data.storage import stored_probe_set
+from dkacq.datamodules.probe import ProbeDataModule
 from dkacq.formats.results import ResultConflictError
+from dkacq.probe.retrieval import layer_retrieval
 from dkacq.probe.retrieval_measures import TopK, mean_measures, query_measures
 
 
@@ -266,18 +268,26 @@ def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_p
     with pytest.raises(ResultConflictError, match="data.collection.negative_ranks"):
         main([*args, "--data.collection.negative_ranks=[1,50]"])
     with open(tmp_path / "run" / "retrieval.csv") as file:
-        retrieval = list(csv.DictReader(file))
-    assert sorted((row["layer"], row["similarity"], row["scope"]) for row in retrieval) == [
-        ("2", "cosine", "corpus"),
-        ("2", "dot", "corpus"),
-    ]
-    assert all(row["num_passages"] == "80" and 0 <= float(row["ndcg@10"]) <= 1 for row in retrieval)
+        retrieval = {row["similarity"]: row for row in csv.DictReader(file)}
+    assert {row["layer"] for row in retrieval.values()} == {"2"} and set(retrieval) == {"cosine", "dot"}
+    expected = oracle_retrieval(tiny_bert_dir, beir_dir, layer=2)
+    for similarity, row in retrieval.items():
+        assert (row["scope"], row["num_passages"]) == ("corpus", "80")
+        for measure, value in expected[similarity].items():
+            assert float(row[measure]) == pytest.approx(value, abs=1e-5), (similarity, measure)
     # above the corpus limit each query ranks its pool: its BM25 top 100 (of 80 passages) and its judged
     # passages, so every relevant passage is in the top 100
-    main([*args, "--data.collection.retrieval_limit=10", "--results.run_dir=pool"])
-    with open(tmp_path / "pool" / "retrieval.csv") as file:
-        pooled = list(csv.DictReader(file))
-    assert {row["scope"] for row in pooled} == {"pool"} and {row["recall@100"] for row in pooled} == {"1.00000"}
+    data = ProbeDataModule(
+        model=str(tiny_bert_dir),
+        source="beir",
+        path=str(beir_dir),
+        negatives="bm25",
+        dataset="toy",
+        layers=[2],
+        collection=CollectionOptions(retrieval_limit=10),
+    )
+    pooled = layer_retrieval(data, [2])
+    assert pooled.scope == "pool" and {values["recall@100"] for values in pooled.measures.values()} == {1.0}
     manifest = json.loads((tmp_path / ".cache/dkacq/toy/probe_set/manifest.json").read_text())
     assert manifest["provenance"]["negatives"]["source"] == "bm25"
     assert np.load(next((tmp_path / ".cache/dkacq/toy/mining").glob("corpus-*/doc_ids.npy"))).size == 80
@@ -395,3 +405,44 @@ def test_chunked_exact_search_keeps_the_true_top_k():
         else:
             full = queries @ passages.T
         assert search.ranking() == full.topk(20, dim=1).indices.tolist()
+
+
+def oracle_retrieval(model_dir: Path, folder: Path, layer: int) -> dict[str, dict[str, float]]:
+    """Mean-pooled hidden state ``layer`` of the model read with transformers alone, every corpus passage
+    ranked for each test query, scored by ir_measures."""
+    ir_measures = pytest.importorskip("ir_measures")
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir).eval()
+
+    def encode(texts):
+        batch = tokenizer(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
+        mask = batch["attention_mask"][..., None].float()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    corpus = [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
+    queries = {
+        record["_id"]: record["text"] for record in map(json.loads, (folder / "queries.jsonl").read_text().splitlines())
+    }
+    judged = judged_queries(beir_folder(folder, CollectionOptions()), CollectionOptions())
+    test = [query for query in judged.query_ids["test"] if query in judged.positives]
+    passages = encode([f"{r['title']} {r['text']}" if r["title"] else r["text"] for r in corpus])
+    vectors = encode([queries[query] for query in test])
+    qrels = [ir_measures.Qrel(q, d, g) for q in test for d, g in judged.grades[q].items()]
+    measures = {"ndcg@10": ir_measures.nDCG @ 10, "mrr@10": ir_measures.RR @ 10, "recall@100": ir_measures.R @ 100}
+    found = {}
+    for similarity in ("cosine", "dot"):
+        if similarity == "cosine":
+            scores = torch.nn.functional.normalize(vectors, dim=1) @ torch.nn.functional.normalize(passages, dim=1).T
+        else:
+            scores = vectors @ passages.T
+        run = [
+            ir_measures.ScoredDoc(q, r["_id"], float(scores[i, j]))
+            for i, q in enumerate(test)
+            for j, r in enumerate(corpus)
+        ]
+        values = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
+        found[similarity] = {name: values[measure] for name, measure in measures.items()}
+    return found

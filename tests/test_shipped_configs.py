@@ -132,4 +132,6 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
     assert (tmp_path / "study" / "report" / "report.md").exists()
     if study["data"]["source"] == "beir":
         with open(tmp_path / "study" / "probe" / "retrieval.csv") as file:
-            assert len(list(csv.DictReader(file))) == 2 * len(probes["settings"])  # cosine and dot at layer 2
+            retrieval = list(csv.DictReader(file))
+        assert len(retrieval) == 2 * len(probes["settings"])  # cosine and dot at layer 2
+        assert {row["scope"] for row in retrieval} == {"corpus"}
