@@ -508,7 +508,8 @@ def read_collection_set(
                 for column, value in zip(EXAMPLE_COLUMNS, row, strict=True):
                     columns[column].append(value)
         if not columns["question"]:
-            raise ProbeDataError(f"{collection.name} ({name} split): gives no examples ({_said(dropped[name])})")
+            hint = "; mine negatives with data.negatives bm25 or random" if negatives == "file" else ""
+            raise ProbeDataError(f"{collection.name} ({name} split): gives no examples ({_said(dropped[name])}){hint}")
         splits[name] = datasets.Dataset.from_dict(columns, features=EXAMPLE_FEATURES)
     for name, counts in dropped.items():
         if any(counts.values()):
