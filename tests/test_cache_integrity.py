@@ -16,6 +16,7 @@ from dkacq.encoders.cache import (
     CacheDamagedError,
     CacheError,
     LayerFileWriter,
+    file_record,
     layer_file,
     open_cache,
     staging_folder,
@@ -116,20 +117,34 @@ def test_unreadable_layer_file_of_right_size_is_one_line_naming_it(cache_folder)
     assert str(path) in message and "unreadable" in message
 
 
-def test_zeros_in_place_are_served_without_verify_and_refused_with_it(cache_folder):
+def test_zeros_in_place_are_refused_when_first_read_and_served_only_without_verify(cache_folder):
     path = layer_file(cache_folder, 2)
     original = load_file(path)
     size = os.stat(path).st_size
     with open(path, "r+b") as file:
         file.seek(size - 64)
         file.write(bytes(64))
-    _, passages = open_cache(cache_folder, REQUEST).layer(2)
-    assert torch.equal(passages[-1, -16:], torch.zeros(16))
-    assert torch.equal(passages[:-1], original["passages"][:-1])
+    cache = open_cache(cache_folder, REQUEST)  # sizes only: a stat per file
     with pytest.raises(CacheDamagedError) as error:
-        open_cache(cache_folder, REQUEST, verify=True)
+        cache.layer(2)
     message = _one_line(error)
     assert str(path) in message and "checksum differs" in message
+    _, passages = open_cache(cache_folder, REQUEST, verify=False).layer(2)
+    assert torch.equal(passages[-1, -16:], torch.zeros(16))
+    assert torch.equal(passages[:-1], original["passages"][:-1])
+
+
+def test_each_file_is_checksummed_once_per_process(cache_folder, monkeypatch):
+    hashed = []
+    monkeypatch.setattr(cache, "_VERIFIED", set())
+    monkeypatch.setattr(cache, "file_record", lambda path: hashed.append(path.name) or file_record(path))
+    opened = open_cache(cache_folder, REQUEST)
+    assert hashed == []
+    for _ in range(2):
+        opened.layer(1)
+        opened.index("train")
+        open_cache(cache_folder, REQUEST).layer(1)
+    assert sorted(hashed) == ["index.safetensors", "layer_01.safetensors"]
 
 
 @pytest.mark.parametrize("text", ['{"model": ', "[1, 2]", "\xff\xfe"])

@@ -152,3 +152,44 @@ def test_fit_refuses_a_semicolon_table_before_any_work(tiny_bert_dir, probe_file
     assert (run / "results.csv").read_bytes() == table.encode()
     assert sorted(path.name for path in run.iterdir()) == ["results.csv"]
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (",".join(RESULT_COLUMNS) + "\r\n", "no rows, only a header; nothing to report from it"),
+        ("dataset;model;pooling;num_passages;layer;probe;test_acc\r\nnq;m;cls;2;0;concat;0.5\r\n", "separated by ';'"),
+        (
+            "dataset,model,pooling,num_passages,layer,probe,test_acc\r\nnq,m,cls,2,0,concat,0.5\r\nnq,m,cls,2,1,con",
+            "cut",
+        ),
+    ],
+    ids=["header-only", "semicolons", "cut-in-last-field"],
+)
+def test_report_refuses_a_table_it_cannot_report_in_one_line(content, message, tmp_path, capsys):
+    path = tmp_path / "results.csv"
+    path.write_bytes(content.encode())
+    with pytest.raises(SystemExit) as exit:
+        console(["report", f"--results={path}", f"--out_dir={tmp_path / 'report'}"])
+    assert exit.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"dkacq: error: {path}: ") and message in line
+    assert not (tmp_path / "report").exists()
+
+
+def test_report_says_once_which_outcome_files_are_missing(tmp_path, caplog):
+    from dkacq.report.stats import read_results
+
+    path = tmp_path / "results.csv"
+    rows = [_row(_cell(layer), predictions=f"predictions/{layer}.safetensors") for layer in range(3)]
+    _write(path, RESULT_COLUMNS, rows)
+    (tmp_path / "predictions").mkdir()
+    outcomes = {name: torch.zeros(2, dtype=torch.long) for name in ("label", "prediction", "correct")}
+    write_predictions(tmp_path / "predictions/1.safetensors", outcomes, _cell(1).identity)
+    with caplog.at_level("WARNING", logger="dkacq"):
+        assert len(read_results([path])) == 3
+    (warning,) = caplog.messages
+    assert warning == (
+        f"{path}: 2 of 3 rows name outcome files that are missing (predictions/0.safetensors, ...); "
+        "their McNemar tests are left out"
+    )

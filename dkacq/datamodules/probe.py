@@ -245,7 +245,7 @@ class ProbeDataModule(LightningDataModule):
         cache_dtype: CacheDtype = "float32",
         extraction_batch_size: int | Literal["auto"] = 64,
         extraction_precision: ExtractionPrecision | None = None,
-        verify_cache: bool = False,
+        verify_cache: bool = True,
     ):
         """
         Args:
@@ -309,8 +309,9 @@ class ProbeDataModule(LightningDataModule):
                 that fits the device's memory for the longest text (``dkacq/encoders/memory.py``), at most
                 1,024 on a GPU and 64 on a CPU; the manifest records the number used.
             extraction_precision: Lightning precision while caching; bf16-true on a GPU by default.
-            verify_cache: check every cache file's checksum before use (its size is checked always); a
-                damaged cache is rebuilt.
+            verify_cache: check each cache file's sha256 against the manifest when this process first
+                reads it (one more sequential read of the file; see benchmarks/cache_verify.py); false
+                checks sizes alone (always checked).
         """
         super().__init__()
         check_num_passages(num_passages)
@@ -458,7 +459,7 @@ class ProbeDataModule(LightningDataModule):
             return
         with file_lock(self.embeddings_folder):
             try:
-                if open_cache(self.embeddings_folder, request, verify=self.hparams.verify_cache) is not None:
+                if open_cache(self.embeddings_folder, request) is not None:
                     return
             except CacheDamagedError as error:
                 log.warning("%s (rebuilding it now)", error)
@@ -484,7 +485,7 @@ class ProbeDataModule(LightningDataModule):
     def open(self) -> EmbeddingCache:
         """The prepared cache (``prepare_data`` must have run)."""
         if self.cache is None:
-            self.cache = open_cache(self.embeddings_folder, self.cache_request())
+            self.cache = open_cache(self.embeddings_folder, self.cache_request(), self.hparams.verify_cache)
             if self.cache is None:
                 raise FileNotFoundError(f"{self.embeddings_folder}: no embedding cache; run prepare_data first")
         return self.cache

@@ -24,7 +24,11 @@ layer file is read back once (:func:`read_back`): its sha256 for the manifest, a
 against what was written, which catches a write that reached the disk otherwise.
 
 The manifest's ``files`` maps each file name to ``{"bytes": size, "sha256": hex digest}``. Sizes are
-checked on every open (a stat each) and again before a file is loaded; checksums on ``verify=True``.
+checked on every open (a stat each) and again before a file is loaded. With ``verify`` (the default of
+``data.verify_cache``), each file's sha256 is also checked the first time a process reads it
+(:func:`verify_file`, remembered per file for the process): one sequential read of the file, which
+also brings it into the page cache the load then reads from. ``benchmarks/cache_verify.py`` measures
+what that adds to reading a layer.
 """
 
 import hashlib
@@ -269,12 +273,35 @@ def check_size(folder: Path, name: str, record: dict) -> None:
         raise damaged(folder, path, f"{size:,} bytes, expected {record['bytes']:,}")
 
 
+_VERIFIED: set[tuple] = set()
+"""The files whose sha256 this process has checked (or written and read back), by path, size, mtime
+and inode: a file replaced since is checked again."""
+
+
+def _file_key(path: Path) -> tuple:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def verify_file(folder: Path, name: str, record: dict) -> None:
+    """Raise unless ``folder/name`` has the sha256 its manifest records; once per file and process."""
+    path = folder / name
+    key = _file_key(path)
+    if key in _VERIFIED:
+        return
+    if file_record(path)["sha256"] != record["sha256"]:
+        raise damaged(folder, path, f"checksum differs from {MANIFEST_FILE}")
+    _VERIFIED.add(key)
+
+
 @dataclass
 class EmbeddingCache:
-    """An opened cache folder; tensors are read on demand, one layer at a time."""
+    """An opened cache folder; tensors are read on demand, one layer at a time, each file's checksum
+    checked the first time this process reads it (unless ``verify`` is false)."""
 
     folder: Path
     manifest: dict
+    verify: bool = True
 
     @property
     def num_hidden_states(self) -> int:
@@ -286,7 +313,10 @@ class EmbeddingCache:
 
     def _load(self, path: Path) -> dict[str, Tensor]:
         """The file's tensors; its size is checked first, as it may have changed since the cache was opened."""
-        check_size(self.folder, path.name, self.manifest["files"][path.name])
+        record = self.manifest["files"][path.name]
+        check_size(self.folder, path.name, record)
+        if self.verify:
+            verify_file(self.folder, path.name, record)
         try:
             return load_file(path)
         except SafetensorError as error:
@@ -340,8 +370,8 @@ def read_manifest(folder: Path) -> dict | None:
     return manifest
 
 
-def check_files(folder: Path, manifest: dict, verify: bool) -> None:
-    """Raise unless every file of the cache is recorded and has its recorded size (and checksum, to ``verify``)."""
+def check_files(folder: Path, manifest: dict) -> None:
+    """Raise unless every file of the cache is recorded and has its recorded size."""
     files = manifest["files"]
     names = [INDEX_FILE] + [layer_file(folder, layer).name for layer in range(manifest.get("num_hidden_states", 0))]
     for name in names:
@@ -349,23 +379,20 @@ def check_files(folder: Path, manifest: dict, verify: bool) -> None:
             raise damaged(folder, folder / name, f"not recorded in {MANIFEST_FILE}")
     for name in names:
         check_size(folder, name, files[name])
-    if verify:
-        for name in names:
-            if file_record(folder / name)["sha256"] != files[name]["sha256"]:
-                raise damaged(folder, folder / name, f"checksum differs from {MANIFEST_FILE}")
 
 
-def open_cache(folder: Path, request: dict, verify: bool = False) -> EmbeddingCache | None:
+def open_cache(folder: Path, request: dict, verify: bool = True) -> EmbeddingCache | None:
     """The complete cache at ``folder`` if it matches ``request``; None if there is none.
 
-    Every file's size is checked (cheap); ``verify`` also re-reads every file to compare its sha256.
+    Every file's size is checked now (a stat each); with ``verify`` each file's sha256 is checked when
+    it is first read (:func:`verify_file`).
     """
     manifest = read_manifest(folder)
     if manifest is None:
         return None
     compare_manifest(folder, manifest, request)
-    check_files(folder, manifest, verify)
-    return EmbeddingCache(folder, manifest)
+    check_files(folder, manifest)
+    return EmbeddingCache(folder, manifest, verify)
 
 
 def staging_folder(folder: Path) -> Path:
@@ -487,4 +514,5 @@ def publish(
         os.replace(folder, aside)
     os.replace(staging, folder)
     shutil.rmtree(aside, ignore_errors=True)
+    _VERIFIED.update(_file_key(folder / name) for name in files)  # read back just now
     return EmbeddingCache(folder, manifest)

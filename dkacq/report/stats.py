@@ -9,6 +9,7 @@ Every accuracy carries its Wilson 95% interval (:func:`wilson_interval`), read f
 tables written before it had the columns, computed from ``test_acc`` and ``num_test``.
 """
 
+import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from dkacq.probe.baselines import METHODS, SHORTCUT
 from dkacq.probe.heads import HEADS
 
 __all__ = ["wilson_interval"]  # re-exported: the report's interval is the table's
+log = logging.getLogger("dkacq")
 
 
 @dataclass(frozen=True)
@@ -102,13 +104,31 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
     """All rows of the given ``results.csv`` files, prediction paths made absolute.
 
     Raises ``ValueError`` for an unknown probe head and when two rows describe the same probe (same
-    curve and layer), because the report could not tell which one to show.
+    curve and layer), because the report could not tell which one to show, and for a table without
+    rows; a table that is cut short or not dkacq's is refused by :func:`~dkacq.formats.results.read_table`.
+    Rows naming outcome files that are missing are reported without their paired tests, said in one
+    warning per table.
     """
     rows: list[ProbeResult] = []
     for path in map(Path, paths):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such results table")
-        for record in read_rows(path):
+        records = read_rows(path)
+        if not records:
+            raise ValueError(f"{path}: no rows, only a header; nothing to report from it")
+        missing = [
+            r["predictions"] for r in records if r.get("predictions") and not (path.parent / r["predictions"]).is_file()
+        ]
+        if missing:
+            log.warning(
+                "%s: %d of %d rows name outcome files that are missing (%s%s); their McNemar tests are left out",
+                path,
+                len(missing),
+                len(records),
+                missing[0],
+                ", ..." if len(missing) > 1 else "",
+            )
+        for record in records:
             predictions = record["predictions"].strip()
             test_acc, num_test = float(record["test_acc"]), int(record.get("num_test") or 0)
             low, high = _optional(record, "test_acc_low", float), _optional(record, "test_acc_high", float)
