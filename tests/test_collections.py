@@ -13,6 +13,7 @@ import torch
 from conftest import make_collection, write_beir
 
 from dkacq.cli import main
+from dkacq.commands.probe import build
 from dkacq.data import mining
 from dkacq.data.collection import CollectionOptions, beir_folder, judged_queries, read_collection_set, split_queries
 from dkacq.data.examples import ProbeDataError
@@ -446,3 +447,26 @@ def oracle_retrieval(model_dir: Path, folder: Path, layer: int) -> dict[str, dic
         values = ir_measures.calc_aggregate(list(measures.values()), qrels, run)
         found[similarity] = {name: values[measure] for name, measure in measures.items()}
     return found
+
+
+def test_a_data_file_by_another_path_spelling_is_the_same_cell(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
+    """``./df/train.jsonl`` and ``df/train.jsonl`` are one setting: the same cells, one stored probe set."""
+    monkeypatch.chdir(Path(probe_files[0]).parent.parent)
+    folder = Path(probe_files[0]).parent.name
+
+    def cells(prefix: str) -> list[str]:
+        options = {
+            "data": {
+                "model": str(tiny_bert_dir),
+                "dataset": "toy",
+                "source": "local",
+                "train_file": f"{prefix}{folder}/train.jsonl",
+                "test_file": f"{prefix}{folder}/test.jsonl",
+                "cache_dir": str(tmp_path / "cache"),
+                "layers": [1],
+            },
+            "results": {"run_dir": str(tmp_path / "run")},
+        }
+        return [cell.id for cell in build(options).plan()]
+
+    assert cells("./") == cells("")
