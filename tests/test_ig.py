@@ -5,11 +5,13 @@ from dataclasses import replace
 import pytest
 import torch
 from captum.attr import IntegratedGradients
+from conftest import SPECIALS, WORDS, _save_tokenizer
 from torch.func import functional_call
 
 from dkacq.attribution.ig import alphas_and_weights, neuron_scores, path_attributions
 from dkacq.attribution.targets import architecture_family, find_targets
 from dkacq.encoders.loading import load_encoders
+from dkacq.encoders.presets import EncoderPreset, ModelSource
 from dkacq.encoders.text_encoder import TextEncoder
 
 TEXTS = [
@@ -17,6 +19,82 @@ TEXTS = [
     "how does a function return a value from a class method",
     "the first key",
 ]
+
+
+def _configs(vocab: int) -> dict:
+    """Tiny configs of every family that attribution supports beyond the conftest BERT and Llama."""
+    from transformers import (
+        DistilBertConfig,
+        ElectraConfig,
+        GemmaConfig,
+        MistralConfig,
+        ModernBertConfig,
+        MPNetConfig,
+        NomicBertConfig,
+        Qwen2Config,
+        RobertaConfig,
+        T5Config,
+    )
+
+    small = dict(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24)
+    decoder = small | dict(
+        num_key_value_heads=1, bos_token_id=SPECIALS.index("<s>"), eos_token_id=SPECIALS.index("</s>")
+    )
+    t5 = dict(vocab_size=vocab, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_heads=2, pad_token_id=0)
+    return {
+        "roberta": RobertaConfig(**small, max_position_embeddings=80, pad_token_id=0),
+        "electra": ElectraConfig(**small, embedding_size=8, max_position_embeddings=80),
+        "mpnet": MPNetConfig(**small, max_position_embeddings=80, pad_token_id=0),
+        "modernbert": ModernBertConfig(
+            **small,
+            global_attn_every_n_layers=2,
+            local_attention=4,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            cls_token_id=2,
+            sep_token_id=3,
+        ),
+        "nomic_bert": NomicBertConfig(**small),
+        "t5": T5Config(**t5),
+        "t5_gated": T5Config(**t5, feed_forward_proj="gated-gelu"),
+        "distilbert": DistilBertConfig(vocab_size=vocab, dim=16, n_layers=2, n_heads=2, hidden_dim=24),
+        "qwen2": Qwen2Config(**decoder),
+        "mistral": MistralConfig(**decoder),
+        "gemma": GemmaConfig(**decoder, head_dim=8),
+    }
+
+
+DECODERS = ("qwen2", "mistral", "gemma")
+
+
+@pytest.fixture(scope="module")
+def family_presets(tmp_path_factory) -> dict:
+    """Each family's tiny model, built from its config and saved with a tokenizer, as a preset (made on first use)."""
+    from transformers import AutoModel
+
+    made = {}
+
+    def make(family: str) -> EncoderPreset:
+        if family not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            torch.manual_seed(0)
+            config = _configs(len(SPECIALS) + len(WORDS))[family]
+            model = AutoModel.from_config(config)
+            model.save_pretrained(folder)  # T5's whole model: the loader builds its encoder alone
+            _save_tokenizer(folder, "llama" if family in DECODERS else "bert")
+            source = ModelSource(str(folder))
+            pooling = "eos" if family in DECODERS else "mean"
+            made[family] = EncoderPreset(family, family, source, source, pooling, attribution_kinds=())
+        return made[family]
+
+    return make
+
+
+def preset_of(request, family: str) -> EncoderPreset:
+    if family in ("bert", "llama"):
+        return request.getfixturevalue(f"tiny_{family}_preset")
+    return request.getfixturevalue("family_presets")(family)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -108,28 +186,41 @@ def assert_relatively_close(actual: torch.Tensor, expected: torch.Tensor, tolera
     assert (actual - expected).abs().max() / scale <= tolerance
 
 
+FAMILIES = ["roberta", "electra", "mpnet", "modernbert", "nomic_bert", "t5", "t5_gated", "distilbert", *DECODERS]
+"""The families beyond the study's BERT and Llama, each checked on a tiny model built from its config."""
+
+
 @pytest.mark.parametrize(
-    "family, pooling, side",
+    "family, pooling, side, rule, steps",
     [
-        ("bert", "mean", "right"),
-        ("bert", "mean", "left"),
-        ("bert", "cls", "right"),
-        ("llama", "eos", "right"),
-        ("llama", "eos", "left"),
-        ("llama", "eos_reference", "max_length"),
+        *(
+            (family, pooling, side, rule, 20)
+            for family, pooling, side in [
+                ("bert", "mean", "right"),
+                ("bert", "mean", "left"),
+                ("bert", "cls", "right"),
+                ("llama", "eos", "right"),
+                ("llama", "eos", "left"),
+                ("llama", "eos_reference", "max_length"),
+            ]
+            for rule in ["reference", "riemann_right"]
+        ),
+        *((family, None, "left" if family in DECODERS else "right", "reference", 3) for family in FAMILIES),
     ],
 )
-@pytest.mark.parametrize("rule", ["reference", "riemann_right"])
-def test_batched_scores_equal_the_published_loop(request, family, pooling, side, rule):
+def test_batched_scores_equal_the_published_loop(request, family, pooling, side, rule, steps):
     """A padded batch against the loop over texts tokenized alone, for every kind of module of the family
     (Llama's ``up_proj`` too). ``eos_reference`` pads to the maximum length and pools at the last
     position, padding for all these texts: the padding's contribution is part of the published scores."""
-    encoder = encoder_for(request.getfixturevalue(f"tiny_{family}_preset"), pooling)
+    encoder = encoder_for(preset_of(request, family), pooling)
     batch = encoder.tokenize(TEXTS) if side == "max_length" else padded_batch(encoder, TEXTS, side)
     assert batch["attention_mask"].min() == 0
+    assert architecture_family(encoder.transformer).name == {"roberta": "bert", "electra": "bert", "mpnet": "bert"}.get(
+        family, {"qwen2": "llama", "mistral": "llama", "gemma": "llama"}.get(family, family)
+    )
     targets = find_targets(encoder.transformer, list(architecture_family(encoder.transformer).kinds))
-    scores = neuron_scores(encoder, batch, targets, rule=rule, steps=20)
-    expected = naive_scores(encoder, TEXTS, targets, rule, steps=20)
+    scores = neuron_scores(encoder, batch, targets, rule=rule, steps=steps)
+    expected = naive_scores(encoder, TEXTS, targets, rule, steps=steps)
     assert list(scores) == [target.name for target in targets]
     for name, value in expected.items():
         assert scores[name].dtype == torch.float64
@@ -164,9 +255,9 @@ def test_a_texts_scores_do_not_depend_on_its_batch(request, family, side, replic
             assert_relatively_close(together[name][row : row + 1], value, 1e-9)
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", *FAMILIES])
 def test_attributions_equal_captum_riemann_right(request, family):
-    encoder = encoder_for(request.getfixturevalue(f"tiny_{family}_preset"))
+    encoder = encoder_for(preset_of(request, family))
     batch = encoder.tokenize(TEXTS[1:2])
     targets = find_targets(encoder.transformer)
     steps = 16

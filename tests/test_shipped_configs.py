@@ -5,6 +5,8 @@ data and the sizes are swapped for tiny ones, as torchgeo runs its configs with 
 """
 
 import csv
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,30 @@ def _tiny_model(preset: str, tiny_bert_dir, tiny_llama_dir, folder: Path) -> str
         folder.mkdir(parents=True, exist_ok=True)
         link.symlink_to(tiny_llama_dir if PRESETS[name].pooling.startswith("eos") else tiny_bert_dir)
     return str(link)
+
+
+def _tiny_auto_model(model: str, tiny_bert_dir, folder: Path) -> str:
+    """A tiny BERT with sentence-transformers files in a folder named like the hub model's last part: mean
+    pooling, Normalize and "query: " / "passage: " prompts for an E5-like id, CLS and a query instruction
+    for any other (BGE-like); ``bert-base-uncased``, a backbone, is the tiny BERT alone."""
+    target = folder / model.rsplit("/", 1)[-1]
+    if target.exists():
+        return str(target)
+    shutil.copytree(tiny_bert_dir, target)
+    if model == "bert-base-uncased":
+        return str(target)
+    e5 = "e5" in model
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    prompts = {"query": "query: ", "document": "passage: "} if e5 else {"query": "what is the ", "document": ""}
+    (target / "modules.json").write_text(json.dumps(modules))
+    (target / "1_Pooling").mkdir()
+    (target / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean" if e5 else "cls"}))
+    (target / "config_sentence_transformers.json").write_text(json.dumps({"prompts": prompts}))
+    return str(target)
 
 
 def _tiny_data(probe_files, tmp_path) -> dict:
@@ -104,11 +130,28 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
     probes["config"] = str(Path(__file__).parents[1] / probes["config"])
     probes["num_passages"] = probes["num_passages"][:1]
     probes["options"] = {"trainer": {"max_epochs": 1, "enable_progress_bar": False}}
+    models = tmp_path / "models"
+    if any(setting["encoder"] == "auto" for setting in probes["settings"]):  # six settings: one head keeps it quick
+        probes["heads"] = probes["heads"][-1:]
     for setting in probes["settings"]:
-        setting["model"] = _tiny_model(setting["encoder"], tiny_bert_dir, tiny_llama_dir, tmp_path / "models")
+        if setting["encoder"] == "auto":
+            setting["model"] = _tiny_auto_model(setting["model"], tiny_bert_dir, models)
+            if "backbone" in setting:
+                setting["backbone"] = _tiny_auto_model(setting["backbone"], tiny_bert_dir, models)
+        else:
+            setting["model"] = _tiny_model(setting["encoder"], tiny_bert_dir, tiny_llama_dir, models)
         setting["layers"] = [2]
         setting.pop("max_examples", None)
     for run in study.get("attributions", []):
+        if run["model"] == "auto":
+            auto = run["options"]["model"]["auto"]
+            auto["model"] = _tiny_auto_model(auto["model"], tiny_bert_dir, models)
+            if "backbone" in run:
+                run["backbone"] = _tiny_auto_model(run["backbone"], tiny_bert_dir, models)
+            run["options"]["model"].update({"steps": 1, "thresholds": [0.1]})  # one heatmap a run
+            run["options"]["data"].update({"max_examples": 2, "batch_size": 2})
+            run["options"]["trainer"] = {"enable_progress_bar": False}
+            continue
         tiny = {
             "model": _tiny_model(run["model"], tiny_bert_dir, tiny_llama_dir, tmp_path / "models"),
             "revision": None,
@@ -125,11 +168,23 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
 
     with open(tmp_path / "study" / "probe" / "results.csv") as file:
         rows = [row for row in csv.DictReader(file) if row["probe"] in HEADS]  # baselines have rows too
-    expected = len(probes["settings"]) * len(probes["heads"])
+    paired = [setting for setting in probes["settings"] if setting.get("backbone")]  # each probes its backbone too
+    expected = (len(probes["settings"]) + len(paired)) * len(probes["heads"])
     assert len(rows) == expected and {row["layer"] for row in rows} == {"2"}
+    folders = [run["name"] for run in study.get("attributions", [])]
+    folders += [f"{run['name']}-backbone" for run in study.get("attributions", []) if run.get("backbone")]
+    for name in folders:
+        assert (tmp_path / "study" / "attribution" / name / "counts.safetensors").exists(), name
+    report = (tmp_path / "study" / "report" / "report.md").read_text()
+    for setting in paired:  # each pair drawn and tested, and named for what it compares
+        label = Path(setting["model"]).name
+        assert f"### {label} against its backbone" in report
+        assert f"layers ≠ bert-base-uncased@{label} (fine-tuned vs its backbone)" in report
+        assert f"layers ≠ {label}-random (trained vs its random-init control)" in report
     for run in study.get("attributions", []):
-        assert (tmp_path / "study" / "attribution" / run["name"] / "counts.safetensors").exists(), run["name"]
-    assert (tmp_path / "study" / "report" / "report.md").exists()
+        if run.get("backbone"):
+            label = Path(run["options"]["model"]["auto"]["model"]).name
+            assert f"### {label} against bert-base-uncased@{label} (fine-tuned vs its backbone)" in report
     if study["data"]["source"] == "beir":
         with open(tmp_path / "study" / "probe" / "retrieval.csv") as file:
             retrieval = list(csv.DictReader(file))

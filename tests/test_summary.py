@@ -314,8 +314,11 @@ def test_runs_compared_with_backbone_and_control(tmp_path):
         write_attribution_run(tmp_path / "base", BASE, seed=3),
     ]
     markdown = write_report([], runs, tmp_path / "out").read_text()
-    compared = re.findall(r"^### (\S+) against (\S+)$", markdown, flags=re.MULTILINE)
-    assert compared == [(TUNED, control_label(TUNED)), (TUNED, BASE)]
+    compared = re.findall(r"^### (\S+) against (\S+) \((.+)\)$", markdown, flags=re.MULTILINE)
+    assert compared == [
+        (TUNED, control_label(TUNED), "trained vs its random-init control"),
+        (TUNED, BASE, "fine-tuned vs its backbone"),
+    ]
 
 
 FIXED, STOPPED = "30 epochs", "early stopping on val/loss min, patience 10, at most 300 epochs"

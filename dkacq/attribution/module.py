@@ -16,6 +16,7 @@ from dkacq.attribution.passes import GIB, PassMemory, PassPlanner, ReplicasSetti
 from dkacq.attribution.targets import Target, find_targets
 from dkacq.data.examples import TextSide
 from dkacq.encoders.loading import load_encoders, model_config, resolve_model_path, weights_identity
+from dkacq.encoders.model_files import AutoEncoder
 from dkacq.encoders.presets import PRESETS, EncoderPreset, ModelSource
 from dkacq.encoders.text_encoder import TextEncoder
 from dkacq.formats.counts import (
@@ -102,10 +103,13 @@ class AttributionModule(LightningModule):
         save_every_n_batches: int = 1,
         unmasked_mean: bool = False,
         cls_pooler: bool = False,
+        auto: AutoEncoder | None = None,
     ):
         """
         Args:
             encoder: the encoder setting; ``--model NAME`` fills it from a preset (minilm, repllama, ...).
+            auto: a model read from its own files instead of ``encoder`` (``--model.auto.model ID_OR_FOLDER``,
+                the options of ``dkacq fit --data.encoder auto``; docs/any-retriever.md).
             text_side: which encoder reads the texts: ``query`` or ``passage`` (set from the data).
             kinds: MLP sub-layers whose output units are the neurons (BERT family: intermediate,
                 output; Llama: gate_proj, down_proj, up_proj); default: the preset's.
@@ -148,6 +152,7 @@ class AttributionModule(LightningModule):
         :class:`~dkacq.encoders.text_encoder.TextEncoder`).
         """
         super().__init__()
+        encoder = auto.preset() if auto is not None else encoder
         if steps < 1:
             raise ValueError(f"steps must be at least 1, got {steps}")
         if max_length is not None and max_length < 2:
@@ -162,7 +167,7 @@ class AttributionModule(LightningModule):
             raise ValueError("cls_pooler reads a checkpoint's pooler; a random-init control has none")
         self.save_hyperparameters()
         self.preset = encoder
-        self.kinds = list(kinds or encoder.attribution_kinds)
+        self.kinds = list(kinds or encoder.attribution_kinds) or None  # None: the architecture family's own
         self.thresholds = list(check_thresholds(thresholds or encoder.attribution_thresholds))
         self.text_encoder: TextEncoder | None = None
         self.targets: list[Target] = []

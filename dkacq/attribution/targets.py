@@ -3,7 +3,10 @@
 A neuron is one output unit of a target module: one row of its weight (with its bias entry). The
 study scores the feed-forward modules of every layer: BERT-family ``intermediate.dense`` and
 ``output.dense`` (not the attention's ``attention.output.dense``), Llama ``mlp.gate_proj`` and
-``mlp.down_proj`` (``up_proj`` on request; the reference leaves it out).
+``mlp.down_proj`` (``up_proj`` on request; the reference leaves it out). The other families follow the
+same rule, the wide side and the projection back: ModernBERT's fused ``Wi`` (its output units are the
+GLU's input half and gate half, ``2 x intermediate_size`` neurons) and ``Wo``; T5 encoders' ``wi`` and
+``wo`` (gated: ``wi_0``, the gate, and ``wo``; ``wi_1`` on request); NomicBERT's and DistilBERT's MLPs.
 """
 
 from collections.abc import Sequence
@@ -27,6 +30,8 @@ class ArchitectureFamily:
     """
 
     name: str
+    architectures: str
+    """The model classes it covers, for messages."""
     layers: str
     kinds: dict[str, tuple[str, Side]]
     """kind -> (module path inside one layer, side)."""
@@ -36,7 +41,9 @@ class ArchitectureFamily:
     def matches(self, transformer: nn.Module) -> bool:
         try:
             first_layer = transformer.get_submodule(self.layers)[0]
-            first_layer.get_submodule(self.kinds[self.default_kinds[0]][0])
+            for kind in self.default_kinds:
+                first_layer.get_submodule(self.kinds[kind][0])
+            self.final_module(transformer)
         except (AttributeError, IndexError, TypeError):
             return False
         return True
@@ -50,23 +57,78 @@ class ArchitectureFamily:
 
 BERT_FAMILY = ArchitectureFamily(
     name="bert",
+    architectures="BERT, RoBERTa, XLM-R, ELECTRA, MPNet",
     layers="encoder.layer",
     kinds={"intermediate": ("intermediate.dense", "intermediate"), "output": ("output.dense", "output")},
     default_kinds=("intermediate", "output"),
     final_norm=None,
 )
+_GATED = {
+    "gate_proj": ("mlp.gate_proj", "intermediate"),
+    "up_proj": ("mlp.up_proj", "intermediate"),
+    "down_proj": ("mlp.down_proj", "output"),
+}
 LLAMA_FAMILY = ArchitectureFamily(
     name="llama",
+    architectures="Llama, Mistral, Qwen2, Gemma",
     layers="layers",
-    kinds={
-        "gate_proj": ("mlp.gate_proj", "intermediate"),
-        "up_proj": ("mlp.up_proj", "intermediate"),
-        "down_proj": ("mlp.down_proj", "output"),
-    },
+    kinds=_GATED,
     default_kinds=("gate_proj", "down_proj"),
     final_norm="norm",
 )
-FAMILIES = (BERT_FAMILY, LLAMA_FAMILY)
+NOMIC_FAMILY = ArchitectureFamily(
+    name="nomic_bert",
+    architectures="NomicBERT",
+    layers="layers",
+    kinds=_GATED,
+    default_kinds=("gate_proj", "down_proj"),
+    final_norm=None,
+)
+MODERNBERT_FAMILY = ArchitectureFamily(
+    name="modernbert",
+    architectures="ModernBERT",
+    layers="layers",
+    kinds={"Wi": ("mlp.Wi", "intermediate"), "Wo": ("mlp.Wo", "output")},
+    default_kinds=("Wi", "Wo"),
+    final_norm="final_norm",
+)
+T5_FAMILY = ArchitectureFamily(
+    name="t5",
+    architectures="T5 and GTR encoders",
+    layers="encoder.block",
+    kinds={"wi": ("layer.1.DenseReluDense.wi", "intermediate"), "wo": ("layer.1.DenseReluDense.wo", "output")},
+    default_kinds=("wi", "wo"),
+    final_norm="encoder.final_layer_norm",
+)
+T5_GATED_FAMILY = ArchitectureFamily(
+    name="t5_gated",
+    architectures="T5 v1.1, Flan-T5 and Sentence-T5 encoders (gated feed-forward)",
+    layers="encoder.block",
+    kinds={
+        "wi_0": ("layer.1.DenseReluDense.wi_0", "intermediate"),
+        "wi_1": ("layer.1.DenseReluDense.wi_1", "intermediate"),
+        "wo": ("layer.1.DenseReluDense.wo", "output"),
+    },
+    default_kinds=("wi_0", "wo"),
+    final_norm="encoder.final_layer_norm",
+)
+DISTILBERT_FAMILY = ArchitectureFamily(
+    name="distilbert",
+    architectures="DistilBERT",
+    layers="transformer.layer",
+    kinds={"lin1": ("ffn.lin1", "intermediate"), "lin2": ("ffn.lin2", "output")},
+    default_kinds=("lin1", "lin2"),
+    final_norm=None,
+)
+FAMILIES = (
+    BERT_FAMILY,
+    LLAMA_FAMILY,
+    NOMIC_FAMILY,
+    MODERNBERT_FAMILY,
+    T5_FAMILY,
+    T5_GATED_FAMILY,
+    DISTILBERT_FAMILY,
+)
 
 
 def architecture_family(transformer: nn.Module) -> ArchitectureFamily:
@@ -75,8 +137,8 @@ def architecture_family(transformer: nn.Module) -> ArchitectureFamily:
         if family.matches(transformer):
             return family
     raise ValueError(
-        f"no attribution targets known for {type(transformer).__name__}; supported families: "
-        f"{', '.join(family.name for family in FAMILIES)}"
+        f"no attribution targets known for {type(transformer).__name__}; supported: "
+        + "; ".join(f"{family.name} ({family.architectures})" for family in FAMILIES)
     )
 
 
@@ -99,8 +161,8 @@ class Target:
 def find_targets(transformer: nn.Module, kinds: Sequence[str] | None = None) -> list[Target]:
     """The target modules of every layer, ordered by layer and then by ``kinds``.
 
-    ``kinds`` defaults to the study's: ``("intermediate", "output")`` for the BERT family,
-    ``("gate_proj", "down_proj")`` for Llama.
+    ``kinds`` defaults to the family's: the study's ``("intermediate", "output")`` for the BERT family and
+    ``("gate_proj", "down_proj")`` for Llama, the wide side and the projection back for the others.
     """
     family = architecture_family(transformer)
     kinds = tuple(family.default_kinds if kinds is None else kinds)

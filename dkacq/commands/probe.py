@@ -16,7 +16,7 @@ from dkacq.datamodules.probe import AUTO_OPTIONS, LAYERS, ProbeDataModule
 from dkacq.encoders.extraction import saved_batches
 from dkacq.formats.atomic import atomic_write_text, check_writable
 from dkacq.formats.identity import digest, without
-from dkacq.formats.results import ProbeCell, check_cells, finished_ids, read_table
+from dkacq.formats.results import ProbeCell, check_cells, check_one_setting_per_cell, finished_ids, read_table
 from dkacq.probe.baselines import baseline_cells, record_baselines, record_layer_baselines
 from dkacq.probe.heads import Head
 from dkacq.probe.linear_probe import LinearProbe
@@ -241,36 +241,61 @@ class ProbeCLI(LightningCLI):
             )
         return todo
 
+    def settings(self) -> list["ProbeCLI"]:
+        """This setting and, with ``data.backbone``, the backbone's: the same options with the backbone's
+        weights, read with this model's settings and labelled ``<backbone>@<label>`` (a pair that
+        ``dkacq report`` draws and tests)."""
+        backbone = self.datamodule.backbone_options()
+        if backbone is None:
+            return [self]
+        options = self.options()
+        options["data"] |= backbone
+        return [self, build(options)]
+
+    def planned(self, writing: bool = True) -> list[tuple["ProbeCLI", ProbeCell]]:
+        """Every (setting, cell) of :meth:`settings`, checked against the table and against each other
+        before any work (:meth:`plan`)."""
+        settings = self.settings()
+        jobs = [(cli, cell) for cli in settings for cell in cli.plan(writing)]
+        check_one_setting_per_cell(
+            [cell for _, cell in jobs] + [c for cli in settings for c in baseline_cells(cli.datamodule)]
+        )
+        return jobs
+
     def fit_cells(self, ckpt_path: str | None = None, share_layers: bool = True, **kwargs) -> None:
         """Fit one probe per cell, keep the best validation epoch, test it and record the result
-        (:func:`fit_settings` of this setting alone)."""
-        fit_settings([self], ckpt_path, share_layers, **kwargs)
+        (:func:`fit_settings` of this setting, and its backbone's)."""
+        settings = self.settings()
+        if len(settings) > 1:
+            self.planned()
+        fit_settings(settings, ckpt_path, share_layers, **kwargs)
 
     def fit(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
         self.fit_cells(ckpt_path, **kwargs)
 
     def validate(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        cells = self.plan(writing=False)
+        jobs = self.planned(writing=False)
         output.checked()
 
         def validate(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> None:
             cli.trainer.validate(
-                cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs
+                cli.model, datamodule=cli.datamodule, ckpt_path=parent._best_checkpoint(cell, ckpt_path), **kwargs
             )
 
-        run_cells([(self, cell) for cell in cells], validate)
+        run_cells(jobs, validate)
 
     def test(self, model, datamodule, ckpt_path=None, **kwargs) -> None:
-        cells = self.plan()
+        jobs = self.planned()
         output.checked()
-        self._save_config()
+        for cli in dict.fromkeys(parent for parent, _ in jobs):
+            cli._save_config()
 
         def test(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> None:
             cli.trainer.test(
-                cli.model, datamodule=cli.datamodule, ckpt_path=self._best_checkpoint(cell, ckpt_path), **kwargs
+                cli.model, datamodule=cli.datamodule, ckpt_path=parent._best_checkpoint(cell, ckpt_path), **kwargs
             )
 
-        run_cells([(self, cell) for cell in cells], test)
+        run_cells(jobs, test)
         print(self.results.results_path)
 
 

@@ -9,7 +9,7 @@ An attribution run is done when its folder holds counts of the same identity.
 """
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -18,6 +18,7 @@ from jsonargparse import auto_cli
 from dkacq.commands import attribute, output, probe
 from dkacq.commands.report import report
 from dkacq.datamodules.texts import TextDataModule
+from dkacq.encoders.model_files import AutoEncoder
 from dkacq.formats.results import check_one_setting_per_cell
 from dkacq.probe.baselines import baseline_cells
 from dkacq.probe.heads import HEADS, Head
@@ -45,11 +46,15 @@ class AttributionRun:
     """One ``dkacq attribute`` run."""
 
     model: str
-    """A preset name, or ``<preset>-random`` (``-random-seed<k>``) for its random-init control."""
+    """A preset name, or ``<preset>-random`` (``-random-seed<k>``) for its random-init control; or ``auto``
+    with ``options: {model: {auto: {model: ID_OR_FOLDER, ...}}}``: a model read from its own files."""
     name: str
     """Its output folder's name under ``<run_dir>/attribution``."""
     options: dict = field(default_factory=dict)
     """Further ``dkacq attribute`` options, as config, e.g. ``{data: {text_side: passage}}``."""
+    backbone: str | None = None
+    """``auto`` only: the pre-trained model (hub id or folder) it was fine-tuned from, attributed too
+    (into ``<name>-backbone``), read with the model's settings and labelled ``<backbone>@<label>``."""
 
 
 def merged(base: dict, *overrides: dict) -> dict:
@@ -85,21 +90,30 @@ def probe_configs(run_dir: Path, data: dict, probes: ProbeGrid | None) -> list[d
 def attribution_configs(run_dir: Path, data: dict, attributions: list[AttributionRun]) -> list[dict]:
     """One ``dkacq attribute`` config per run: its preset's settings, the shared data, its options."""
     data = {key: value for key, value in data.items() if key in TEXT_DATA_OPTIONS}
-    return [
-        merged(
-            {"model": attribute.preset_config(run.model)},
-            {"data": data, "model": {"output_dir": str(run_dir / "attribution" / run.name)}},
-            run.options,
+    configs = []
+    for run in attributions:
+        base = {} if run.model == "auto" else {"model": attribute.preset_config(run.model)}
+        config = merged(
+            base, {"data": data, "model": {"output_dir": str(run_dir / "attribution" / run.name)}}, run.options
         )
-        for run in attributions
-    ]
+        configs.append(config)
+        if run.backbone:
+            auto = config.get("model", {}).get("auto")
+            if run.model != "auto" or not auto:
+                raise ValueError(f"attribution run {run.name}: backbone needs model auto with options.model.auto")
+            backbone = asdict(AutoEncoder(**auto).backbone_encoder(run.backbone))
+            folder = str(run_dir / "attribution" / f"{run.name}-backbone")
+            configs.append(merged(config, {"model": {"auto": backbone, "output_dir": folder}}))
+    return configs
 
 
 def study_clis(
     run_dir: Path, data: dict | None, probes: ProbeGrid | None, attributions: list[AttributionRun] | None
 ) -> tuple[list[probe.ProbeCLI], list[attribute.AttributionCLI]]:
     """Every probe setting and attribution run of a study, parsed and instantiated (nothing loaded or run)."""
-    probe_clis = [probe.build(config) for config in probe_configs(run_dir, data or {}, probes)]
+    probe_clis = [
+        setting for config in probe_configs(run_dir, data or {}, probes) for setting in probe.build(config).settings()
+    ]
     attribution_clis = [
         attribute.build(config) for config in attribution_configs(run_dir, data or {}, attributions or [])
     ]
@@ -150,7 +164,7 @@ def sweep(
     for cli in pending:
         cli.run_attribution()
     results = run_dir / "probe" / "results.csv"
-    attribution_dirs = [run_dir / "attribution" / run.name for run in attributions or []]
+    attribution_dirs = [Path(cli.model.hparams.output_dir) for cli in attribution_clis]  # backbones' included
     return report(
         [results] if results.exists() else [], attribution_dirs, run_dir / "report", base_models, published_overlay
     )

@@ -23,7 +23,7 @@ from dkacq.encoders import extraction, loading
 from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, layer_file, open_cache
 from dkacq.encoders.model_files import AutoEncoder, check_label
 from dkacq.encoders.pooling import Pooling
-from dkacq.encoders.presets import EncoderName, EncoderPreset, get_preset, readable_label
+from dkacq.encoders.presets import EncoderName, EncoderPreset, backbone_label, get_preset
 from dkacq.encoders.text_encoder import REFERENCE_PADDING
 from dkacq.formats.atomic import file_lock
 
@@ -341,7 +341,14 @@ class ProbeDataModule(LightningDataModule):
             return None
         if self.hparams.model is None:
             raise ValueError("data.encoder auto needs data.model: the hub id or folder of the model to probe")
-        return AutoEncoder(self.hparams.model, pooling=self.hparams.pooling, **options)
+        hparams = self.hparams
+        return AutoEncoder(
+            hparams.model,
+            pooling=hparams.pooling,
+            random_init=hparams.random_init,
+            init_seed=hparams.init_seed,
+            **options,
+        )
 
     def encoder_preset(self) -> EncoderPreset:
         """The encoder these options give: a preset (with other weights, pooling or label if given) or
@@ -355,13 +362,13 @@ class ProbeDataModule(LightningDataModule):
                     f"{', '.join(given)} apply to data.encoder auto; the preset {hparams.encoder} has fixed settings "
                     "(give data.encoder auto with data.model to read any model)"
                 )
-            preset = get_preset(hparams.encoder, model=hparams.model, pooling=hparams.pooling)
-            if hparams.label:
-                preset = replace(preset, label=check_label(hparams.label))
-        else:
-            preset = auto.preset()
         if hparams.backbone and hparams.random_init:
             raise ValueError("data.backbone compares trained weights; a random_init control has none: drop one")
+        if auto is not None:
+            return auto.preset()
+        preset = get_preset(hparams.encoder, model=hparams.model, pooling=hparams.pooling)
+        if hparams.label:
+            preset = replace(preset, label=check_label(hparams.label))
         return preset.randomized(hparams.init_seed) if hparams.random_init else preset
 
     def backbone_options(self) -> dict | None:
@@ -369,7 +376,7 @@ class ProbeDataModule(LightningDataModule):
         hparams = self.hparams
         if not hparams.backbone:
             return None
-        label = f"{readable_label(hparams.backbone)}@{self.preset.label}"
+        label = backbone_label(hparams.backbone, self.preset.label)
         options = {"model": hparams.backbone, "label": label, "backbone": None, "cache_name": None}
         if hparams.encoder == "auto":
             options |= {"passage_model": None, "lora_adapter": None}

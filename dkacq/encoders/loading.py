@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import HFValidationError
@@ -194,11 +195,17 @@ find a context encoder's weights."""
 def _model_class(config: PretrainedConfig) -> tuple[type[PreTrainedModel], dict]:
     """The class to build and its keyword arguments: the DPR wrapper the config names, else the bare model.
 
-    The pooler (a dense layer over the CLS token, trained for next-sentence prediction) is left out where
+    An encoder-decoder (T5) is built as its encoder-only class (``T5EncoderModel``): the decoder's weights
+    are head keys then. The pooler (a dense layer over the CLS token, trained for next-sentence prediction) is left out where
     the class allows: the probe reads hidden states only, and many retriever checkpoints ship without it.
     """
     cls = next((wrapper for wrapper in _WRAPPERS if wrapper.__name__ in (config.architectures or ())), None)
     cls = cls or MODEL_MAPPING[type(config)]
+    if getattr(config, "is_encoder_decoder", False):  # T5 and its kind: the encoder alone, as retrievers use it
+        encoder_class = getattr(transformers, cls.__name__.removesuffix("Model") + "EncoderModel", None)
+        if encoder_class is None:
+            raise ModelUnavailableError(f"{cls.__name__} is an encoder-decoder without an encoder-only class")
+        cls = encoder_class
     pooling = "add_pooling_layer" in inspect.signature(cls.__init__).parameters
     return cls, {"add_pooling_layer": False} if pooling else {}
 

@@ -27,7 +27,7 @@ from huggingface_hub.errors import HFValidationError
 
 from dkacq.encoders.loading import resolve_model_path, unreachable_error
 from dkacq.encoders.pooling import POOLINGS, Pooling
-from dkacq.encoders.presets import EncoderPreset, ModelSource, readable_label
+from dkacq.encoders.presets import EncoderPreset, ModelSource, backbone_label, readable_label
 from dkacq.formats.errors import DkacqError
 from dkacq.formats.identity import digest
 
@@ -260,6 +260,9 @@ class AutoEncoder:
     normalize: bool | None = None
     query_max_length: int | None = None
     passage_max_length: int | None = None
+    random_init: bool = False
+    """Fresh weights of the same architecture (the untrained control), labelled ``<label>-random``."""
+    init_seed: int = 0
 
     def preset(self) -> EncoderPreset:
         """The settings resolved: options first, then the files, then defaults; refused in one line when
@@ -306,6 +309,7 @@ class AutoEncoder:
             passage=passage,
             lowercase=files.lowercase,
             origins=tuple(sorted(origins.items())),
+            attribution_kinds=(),  # the architecture family's own (dkacq.attribution.targets)
             **values,
         )
         # the cache folder's name: the model and everything read, not the label (which is only shown)
@@ -315,7 +319,8 @@ class AutoEncoder:
             "origins": origins,
             "lower": files.lowercase,
         }
-        return replace(preset, name=f"auto@{self.default_label()}-{digest(read, 8)}")
+        preset = replace(preset, name=f"auto@{self.default_label()}-{digest(read, 8)}")
+        return preset.randomized(self.init_seed) if self.random_init else preset
 
     def default_label(self) -> str:
         """The adapter's name for a LoRA model, ``query+passage`` names for two towers, else the model's."""
@@ -328,7 +333,7 @@ class AutoEncoder:
     def backbone_encoder(self, backbone: str) -> "AutoEncoder":
         """``backbone`` read with this model's settings (its files and the options given), labelled
         ``<backbone>@<this model's label>``: what fine-tuning changed is the difference between the two."""
-        label = f"{readable_label(backbone)}@{check_label(self.label or self.default_label())}"
+        label = backbone_label(backbone, check_label(self.label or self.default_label()))
         return replace(
             self,
             model=backbone,
@@ -337,4 +342,5 @@ class AutoEncoder:
             revision=None,
             settings_from=self.settings_from or self.model,
             label=label,
+            random_init=False,
         )

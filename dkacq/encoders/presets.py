@@ -4,7 +4,7 @@ model of each pooling group, and how random-init controls are named.
 """
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
@@ -230,9 +230,27 @@ def split_control_label(label: str) -> tuple[str, int] | None:
     return (match["label"], int(match["seed"] or 0)) if match else None
 
 
-def backbone_of(label: str) -> str | None:
-    """The pre-trained model that ``label`` was fine-tuned from, if the study fine-tuned it."""
-    return BACKBONES.get(label)
+def backbone_label(backbone: str, label: str) -> str:
+    """The label of ``backbone`` (hub id or folder) read as the model ``label`` is: ``<backbone>@<label>``,
+    which declares the pair wherever the label goes (results rows, attribution summaries)."""
+    return f"{readable_label(backbone)}@{label}"
+
+
+def backbone_of(label: str, labels: Iterable[str] = ()) -> str | None:
+    """The pre-trained model that ``label`` was fine-tuned from: the one of ``labels`` declared as its
+    backbone (:func:`backbone_label`), else the study's, else None."""
+    declared = sorted(other for other in labels if other.endswith(f"@{label}"))
+    return declared[0] if declared else BACKBONES.get(label)
+
+
+def comparison(model: str, base: str, labels: Iterable[str] = ()) -> str:
+    """What the difference between ``model`` and ``base`` measures, in words for a report."""
+    control = split_control_label(base)
+    if control is not None and control[0] == model:
+        return "trained vs its random-init control"
+    if base == backbone_of(model, [*labels, base]):
+        return "fine-tuned vs its backbone"
+    return "vs base model"
 
 
 def base_model_for(pooling: str, overrides: Mapping[str, str] | None = None) -> str | None:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binom, wilcoxon
 
-from dkacq.encoders.presets import backbone_of, control_label
+from dkacq.encoders.presets import backbone_of, comparison, control_label
 from dkacq.formats.counts import AttributionRun
 
 DEFAULT_RESAMPLES = 2000
@@ -344,11 +344,12 @@ def comparable_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
     backbone, or a model and its random-init control, on the same data set, split, text side and pooling.
     Their difference is what fine-tuning, or training at all, changed."""
     same = ("dataset", "split", "text_side", "pooling")
+    labels = {run.model for run in runs}
     return [
         (i, j)
         for i, a in enumerate(runs)
         for j, b in enumerate(runs)
-        if b.model in (backbone_of(a.model), control_label(a.model))
+        if b.model in (backbone_of(a.model, labels), control_label(a.model))
         and all(getattr(a, key) == getattr(b, key) for key in same)
     ]
 
@@ -525,6 +526,7 @@ def share_change_table(
     header = [
         "model",
         "base",
+        "comparison",
         "dataset",
         "text side",
         "threshold",
@@ -538,6 +540,7 @@ def share_change_table(
         "p (Wilcoxon)",
     ]
     rows = []
+    labels = {run.model for run in runs}
     for i, j in comparable_pairs(runs):
         if not (runs[i].has_per_text and runs[j].has_per_text):
             continue
@@ -546,6 +549,7 @@ def share_change_table(
                 [
                     row.model,
                     row.base_model,
+                    comparison(row.model, row.base_model, labels),
                     row.dataset,
                     row.text_side,
                     f"{row.threshold:g}",

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from dkacq.encoders.presets import base_model_for, model_sort_key
+from dkacq.encoders.presets import backbone_of, base_model_for, comparison, control_label, model_sort_key
 from dkacq.formats.atomic import atomic_write
 from dkacq.formats.counts import SIDES, AttributionRun
 from dkacq.probe.baselines import METHODS, SHORTCUT
@@ -354,6 +354,7 @@ def _probe_sections(
                 flags[result.curve_key].append(result.significant)
             versus_base |= {key: f"{sum(f)}/{len(f)}" for key, f in flags.items()}
             versus_base |= {row.curve_key: "base" for row in group if row.model == base}
+    sections += _pair_sections(rows, out_dir, figure_format, title, suffix)
     curves = _curves(per_layer(rows))
     extra = [
         _published_section(rows, out_dir, title, suffix),
@@ -366,6 +367,48 @@ def _probe_sections(
         _head_table(curves, title),
         *(section for section in extra if section),
     ]
+
+
+def _pair_sections(rows: list[ProbeResult], out_dir: Path, figure_format: str, title: str, suffix: str) -> list[str]:
+    """Each model probed with a declared backbone (``<backbone>@<model>``: ``data.backbone``) drawn with
+    it, and with its random-init control where that was probed, and tested against each, layer by layer
+    (McNemar exact test, Bonferroni over the compared layers), as a pooling group is against its base."""
+    sections = []
+    for dataset, pooling in sorted({(row.dataset, row.pooling) for row in per_layer(rows)}):
+        group = [row for row in rows if (row.dataset, row.pooling) == (dataset, pooling)]
+        present = {row.model for row in group}
+        for model in sorted(present, key=model_sort_key):
+            backbone = backbone_of(model, present)
+            if backbone is None or not backbone.endswith(f"@{model}"):
+                continue
+            control = control_label(model) if control_label(model) in present else None
+            members = [model, backbone, *([control] if control else [])]
+            pair = [row for row in group if row.model in members]
+            tests = {base: [r for r in significance_vs_base(pair, base) if r.model == model] for base in members[1:]}
+            table_rows = []
+            for points in _curves(per_layer([row for row in pair if row.model == model])):
+                key, last = points[0].curve_key[:4], points[-1]
+                cells = [last.num_passages, last.probe, last.layer, _acc(last.test_acc)]
+                for base in members[1:]:
+                    flags = [result.significant for result in tests[base] if result.curve_key[:4] == key]
+                    cells.append(f"{sum(flags)}/{len(flags)}" if flags else MISSING)
+                table_rows.append(cells)
+            name = f"pair_{_slug(dataset)}_{_slug(pooling)}_{_slug(model)}{suffix}.{figure_format}"
+            plot_probe_curves(pair, out_dir / name, dataset, pooling, backbone, False, figure_format)
+            header = ["N", "probe", "last layer", "acc", f"layers ≠ {backbone} (fine-tuned vs its backbone)"]
+            if control:
+                header.append(f"layers ≠ {control} (trained vs its random-init control)")
+            sections.append(
+                f"### {model} against its backbone, {dataset}, {pooling} pooling{title}\n\n"
+                f"{model} and its backbone {backbone}, read with {model}'s settings"
+                + (f", and its random-init control {control}" if control else "")
+                + ": layers whose test outcomes differ (McNemar exact test, Bonferroni over the compared layers, "
+                "alpha 0.05) out of the layers compared; marks in the figure are against the backbone.\n\n"
+                + _figure_link(f"{model} against its backbone, {dataset}, {pooling}{title}", name)
+                + "\n\n"
+                + _table(header, table_rows)
+            )
+    return sections
 
 
 def fitting_modes(rows: Sequence[ProbeResult]) -> list[str]:
@@ -517,7 +560,7 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path, figure_form
     for title, (header, table_rows) in (
         ("The paper's claims, measured", claim_table(runs)),
         (
-            "Fine-tuned against backbone, per layer (paired over texts; * Bonferroni over layers)",
+            "Against the backbone or the random-init control, per layer (paired over texts; * Bonferroni over layers)",
             share_change_table(runs),
         ),
         ("Active share per layer, 95% bootstrap interval over texts", module_share_table(runs)),
@@ -543,7 +586,8 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path, figure_form
             plot_attribution_comparison(runs[i].run_dir, runs[j].run_dir, out_dir / name, threshold, figure_format)
             links.append(_figure_link(f"{slugs[i]} vs {slugs[j]}, threshold {threshold:g}", name))
         if links:
-            sections.append(f"### {runs[i].model} against {runs[j].model}\n\n" + "\n\n".join(links))
+            what = comparison(runs[i].model, runs[j].model, {run.model for run in runs})
+            sections.append(f"### {runs[i].model} against {runs[j].model} ({what})\n\n" + "\n\n".join(links))
     return sections
 
 
