@@ -32,20 +32,34 @@ STUDIES = sorted(path for path in CONFIGS if _command_of(path) == "sweep")
 
 
 @pytest.mark.parametrize("config", STUDIES, ids=lambda path: path.name)
-def test_every_cell_of_every_study_is_instantiated_when_read(config):
+def test_every_cell_of_every_study_is_instantiated_when_read(config, tmp_path, monkeypatch):
     """A study config is validated in full when it is read: every setting x N and every attribution run
-    is parsed and instantiated by the commands' own classes (models are not loaded)."""
+    is parsed and instantiated by the commands' own classes (models are not loaded). A model read from
+    its own files (``encoder: auto``) reads them here: offline, a hub model's are stood in for by a
+    mean-pooling model's sentence-transformers files."""
+    import json
+
     from jsonargparse import ArgumentParser
 
     from dkacq.commands.sweep import study_clis, sweep
 
+    modules = [{"path": "", "type": "Transformer"}, {"path": "1_Pooling", "type": "Pooling"}]
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode": "mean"}))
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512}))
+    monkeypatch.setattr("dkacq.encoders.model_files._files_folder", lambda model, revision: tmp_path)
     parser = ArgumentParser()
     parser.add_function_arguments(sweep)
     options = parser.instantiate_classes(parser.parse_path(str(config)))
     probe_clis, attribution_clis = study_clis(options.run_dir, options.data, options.probes, options.attributions)
     study = yaml.safe_load(config.read_text())
-    assert len(probe_clis) == len(study["probes"]["settings"]) * len(study["probes"]["num_passages"])
-    assert len(attribution_clis) == len(study.get("attributions") or [])
+    settings = study["probes"]["settings"] + [
+        setting for setting in study["probes"]["settings"] if "backbone" in setting
+    ]
+    assert len(probe_clis) == len(settings) * len(study["probes"]["num_passages"])
+    runs = study.get("attributions") or []
+    assert len(attribution_clis) == len(runs) + len([run for run in runs if "backbone" in run])
     settings = [(cli.datamodule.preset.name, cli.datamodule.hparams.num_passages) for cli in probe_clis]
     assert len(set(settings)) == len(settings)
     for cli in attribution_clis:
