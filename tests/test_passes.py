@@ -132,9 +132,9 @@ def test_a_run_that_cannot_fit_at_all_is_refused_before_loading(tiny_llama_prese
     weights = sum(parameter.numel() for parameter in LlamaModel.from_pretrained(tiny_llama_dir).parameters()) * 2
     assert weight_bytes(config, torch.bfloat16) == weights
     memory = PassMemory.of(config, torch.bfloat16)
-    needed = weights + memory.batch_bytes(8) + 32 * memory.stated_replica_token_bytes(32)
-    enough = -(-needed // (1 - SAFETY_MARGIN)) + 1
+    beside = memory.batch_bytes(8) + 32 * memory.stated_replica_token_bytes(32)  # 8 texts, one replica of 32 tokens
+    enough = weights + -(-beside // (1 - SAFETY_MARGIN)) + 1
     check_fits("tiny-llama", config, torch.bfloat16, 8, 32, torch.device("cuda", 0), int(enough))
     with pytest.raises(AttributionMemoryError, match=r"tiny-llama in bfloat16 cannot be attributed on cuda:0") as error:
-        check_fits("tiny-llama", config, torch.bfloat16, 8, 32, torch.device("cuda", 0), int(needed))
+        check_fits("tiny-llama", config, torch.bfloat16, 8, 32, torch.device("cuda", 0), int(weights + beside))
     assert "lower data.batch_size or model.max_length" in str(error.value) and "\n" not in str(error.value)

@@ -100,19 +100,20 @@ class PassMemory:
 def check_fits(
     label: str, config, dtype: torch.dtype, texts: int, tokens: int, device: torch.device, free: int
 ) -> None:
-    """Refuse, before the model is loaded, a run that cannot fit ``device`` even one replica per pass:
-    weights, a batch of ``texts`` texts and one replica of ``tokens`` tokens against ``free`` bytes
-    less the safety margin."""
+    """Refuse, before the model is loaded, a run that cannot fit ``device`` even one replica per pass: a
+    batch of ``texts`` texts and one replica of ``tokens`` tokens, by the stated model, against what the
+    weights leave of ``free`` bytes less the safety margin (what ``auto`` will have to work with)."""
     memory = PassMemory.of(config, dtype)
     weights = weight_bytes(config, dtype)
     batch, one = memory.batch_bytes(texts), memory.pass_bytes(1, tokens)
-    available = budget_bytes(free, SAFETY_MARGIN)
-    if weights + batch + one > available:
+    available = budget_bytes(max(0, free - weights), SAFETY_MARGIN)
+    if batch + one > available:
         raise AttributionMemoryError(
-            f"{label} in {str(dtype).removeprefix('torch.')} cannot be attributed on {device}: it needs "
-            f"{(weights + batch + one) / GIB:.1f} GiB (weights {weights / GIB:.1f}, a batch of {texts} texts "
-            f"{batch / GIB:.1f}, one replica of {tokens} tokens {one / GIB:.2f}) and {available / GIB:.1f} GiB "
-            f"are free less the safety margin: lower data.batch_size or model.max_length (docs/reproduce.md)"
+            f"{label} in {str(dtype).removeprefix('torch.')} cannot be attributed on {device}: beside its weights "
+            f"({weights / GIB:.1f} GiB) a batch of {texts} texts needs {batch / GIB:.1f} GiB and one replica of "
+            f"{tokens} tokens {one / GIB:.2f} GiB, and {available / GIB:.1f} GiB are left of the "
+            f"{free / GIB:.1f} GiB free, less the safety margin: lower data.batch_size or model.max_length "
+            f"(docs/reproduce.md)"
         )
 
 
