@@ -205,8 +205,9 @@ def test_readable_labels_never_name_a_bare_model(model, label):
 
 
 def test_fit_auto_labels_rows_and_caches_the_models_own_vectors(tmp_path, tiny_bert_dir, probe_files, monkeypatch):
-    """``dkacq fit --data.encoder auto --data.model FOLDER --data.label NAME``: rows labelled NAME, the
-    cached last layer equal to sentence-transformers' encoding of the same texts, prompts included."""
+    """``dkacq fit --data.encoder auto --data.model FOLDER --data.label NAME --data.backbone B``: rows
+    labelled NAME (and the backbone's), the cached last layer equal to sentence-transformers' encoding of
+    the same texts, prompts included, and the pair tested in the report."""
     import csv
 
     from dkacq.cli import main
@@ -233,6 +234,7 @@ def test_fit_auto_labels_rows_and_caches_the_models_own_vectors(tmp_path, tiny_b
             "fit",
             *args,
             "--data.label=my-retriever",
+            f"--data.backbone={tiny_bert_dir}",
             "--data.num_passages=2",
             "--data.layers=[2]",
             "--heads=[query_aware]",
@@ -241,8 +243,13 @@ def test_fit_auto_labels_rows_and_caches_the_models_own_vectors(tmp_path, tiny_b
             f"--results.run_dir={tmp_path / 'run'}",
         ]
     )
+    backbone = f"{tiny_bert_dir.name}@my-retriever"  # the backbone, probed with the retriever's reading
     with open(tmp_path / "run" / "results.csv") as file:
-        assert {row["model"] for row in csv.DictReader(file)} == {"my-retriever"}
+        assert {row["model"] for row in csv.DictReader(file)} == {"my-retriever", backbone}
+    main(["report", "--results", str(tmp_path / "run" / "results.csv"), f"--out_dir={tmp_path / 'report'}"])
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "### my-retriever against its backbone, toy, max pooling" in report
+    assert f"layers ≠ {backbone} (fine-tuned vs its backbone)" in report
     module = ProbeDataModule(**data)
     cache = module.open()
     queries, passages = cache.layer(2)
