@@ -1,16 +1,20 @@
 """Passes that fit the device: the memory model's choice, and out-of-memory recovery, against fixed passes."""
 
 import json
+import re
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from safetensors.torch import load_file
 from test_attribution_run import _data
-from transformers import LlamaModel
+from transformers import LlamaConfig, LlamaModel
 
 from dkacq.attribution.module import AttributionModule
 from dkacq.attribution.passes import AttributionMemoryError, PassMemory, PassPlanner, check_fits, pass_size
+from dkacq.cli import console
+from dkacq.commands import attribute
 from dkacq.encoders.loading import model_config
 from dkacq.encoders.memory import SAFETY_MARGIN, weight_bytes
 
@@ -138,3 +142,43 @@ def test_a_run_that_cannot_fit_at_all_is_refused_before_loading(tiny_llama_prese
     with pytest.raises(AttributionMemoryError, match=r"tiny-llama in bfloat16 cannot be attributed on cuda:0") as error:
         check_fits("tiny-llama", config, torch.bfloat16, 8, 32, torch.device("cuda", 0), int(weights + beside))
     assert "lower data.batch_size or model.max_length" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_calibrating_on_the_h100_peak_by_hand():
+    """The 7B shape's peak measured on an H100 with 40 replicas of 153 tokens, 4 texts (docs/reproduce.md):
+    38 GiB, less 12.3 GiB of weights allocated before the batch."""
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
+    memory = PassMemory.of(config, torch.bfloat16)
+    peak = int((38 - 12.307) * 2**30)
+    memory.calibrate(peak, replicas=40, texts=4, tokens=153)
+    stated = 40 * 153 * 32 * 2 * (10 * 4096 + 3 * 11008 + 32 * 153)
+    assert memory.calibration == pytest.approx((peak - 3 * 4 * 4096 * 11008 * 4) / stated, rel=1e-12)
+    assert 0.8 < memory.calibration < 0.85
+    memory.calibrate(1000, replicas=40, texts=4, tokens=153)  # nothing beyond the accumulators: kept
+    assert 0.8 < memory.calibration < 0.85
+    memory.calibrate(100 * peak, replicas=40, texts=4, tokens=153)
+    assert memory.calibration == 4.0
+
+
+def test_the_command_refuses_what_cannot_fit_before_loading(tmp_path, probe_files, tiny_llama_dir, monkeypatch, capsys):
+    """On a GPU (stood in for: the strategy's device says cuda) with too little free memory."""
+    monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("cuda", 0)))
+    monkeypatch.setattr(attribute, "free_bytes", lambda device: 2**20)
+    monkeypatch.setattr(AttributionModule, "build_encoder", lambda *args: pytest.fail("the model was loaded"))
+    train, test = probe_files
+    with pytest.raises(SystemExit) as stop:
+        console(
+            ["attribute", "--model", "llama", f"--model.encoder.query.model={tiny_llama_dir}",
+             f"--model.encoder.passage.model={tiny_llama_dir}", f"--model.output_dir={tmp_path / 'out'}",
+             "--data.dataset=toy", "--data.source=local", f"--data.train_file={train}", f"--data.test_file={test}",
+             f"--data.cache_dir={tmp_path / 'cache'}", "--data.text_side=passage"]
+        )  # fmt: skip
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        r"dkacq: error: .* in bfloat16 cannot be attributed on cuda:0: beside its weights \(.* GiB\) a batch of 8 "
+        r"texts needs .* GiB and one replica of 256 tokens .* GiB, and 0.0 GiB are left .*lower data.batch_size or "
+        r"model.max_length \(docs/reproduce.md\)",
+        error,
+    )
+    assert not (tmp_path / "out").exists()

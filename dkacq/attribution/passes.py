@@ -91,6 +91,14 @@ class PassMemory:
     def pass_bytes(self, replicas: int, tokens: int) -> float:
         return replicas * tokens * self.replica_token_bytes(tokens)
 
+    def calibrate(self, peak: int, replicas: int, texts: int, tokens: int) -> None:
+        """``c`` from a batch's measured peak above what was allocated before it (module docstring),
+        within 0.25..4; left as it is when the peak holds nothing beyond the batch's accumulators."""
+        passes = peak - self.batch_bytes(texts)
+        if passes > 0:
+            stated = replicas * tokens * self.stated_replica_token_bytes(tokens)
+            self.calibration = max(0.25, min(4.0, passes / stated))
+
     def replicas_that_fit(self, budget: float, texts: int, tokens: int) -> int:
         """The most replicas of ``tokens`` tokens whose pass fits ``budget`` bytes beside the batch (0: none)."""
         room = budget - self.batch_bytes(texts)
@@ -198,20 +206,14 @@ class PassPlanner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         if measuring:
-            self._calibrate(torch.cuda.max_memory_allocated(self.device) - before, replicas, texts, tokens)
+            peak = torch.cuda.max_memory_allocated(self.device) - before
+            self.measured = {"peak_bytes": int(peak), "replicas": replicas, "texts": texts, "tokens": tokens}
+            self.memory.calibrate(peak, replicas, texts, tokens)
         if self.first_batch_seconds is None:
             self.first_batch_seconds = time.perf_counter() - started
         self.used[replicas] += 1
         self.batches += 1
         return scores
-
-    def _calibrate(self, peak: int, replicas: int, texts: int, tokens: int) -> None:
-        """``c`` from the first batch's peak above what was allocated before it (module docstring)."""
-        stated = replicas * tokens * self.memory.stated_replica_token_bytes(tokens)
-        passes = peak - self.memory.batch_bytes(texts)
-        self.measured = {"peak_bytes": int(peak), "replicas": replicas, "texts": texts, "tokens": tokens}
-        if passes > 0:
-            self.memory.calibration = max(0.25, min(4.0, passes / stated))
 
     def _too_big(self, texts: int, tokens: int) -> str:
         budget = self.budget if self.budget is not None else 0
