@@ -301,3 +301,37 @@ def test_minilm_read_from_its_own_files_equals_sentence_transformers():
     )
     query, _ = load_encoders(preset)
     torch.testing.assert_close(last_layer(query, QUERIES), theirs(folder, QUERIES, "encode_query"))
+
+
+def test_two_towers_and_a_lora_adapter_through_the_same_spec(tmp_path, tiny_bert_dir, tiny_llama_dir):
+    """A two-tower retriever reads queries with one model and passages with the other, with the query
+    tower's settings; a LoRA adapter is merged into its base with peft (RepLlama style), named after it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    query_tower = save_sentence_transformer(
+        tiny_bert_dir, tmp_path / "question-encoder", "cls", prompts={"query": "q "}
+    )
+    passage_tower = tmp_path / "context-encoder"
+    shutil.copytree(tiny_bert_dir, passage_tower)
+    towers = AutoEncoder(str(query_tower), passage_model=str(passage_tower)).preset()
+    assert towers.label == "question-encoder+context-encoder"
+    assert (towers.query.model, towers.passage.model, towers.pooling) == (str(query_tower), str(passage_tower), "cls")
+    query, passage = load_encoders(towers)
+    assert query.transformer is not passage.transformer and (query.prefix, passage.prefix) == ("q ", "")
+
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights=False)
+    adapted = get_peft_model(AutoModel.from_pretrained(tiny_llama_dir), lora)
+    adapted.save_pretrained(tmp_path / "my-lora-passage")
+    spec = AutoEncoder(str(tiny_llama_dir), lora_adapter=str(tmp_path / "my-lora-passage"), pooling="lasttoken")
+    preset = spec.preset()
+    assert preset.label == "my-lora-passage" and dict(preset.origins)["pooling"] == "option"
+    encoder, _ = load_encoders(preset)
+    batch = encoder.tokenize(QUERIES)
+    with torch.no_grad():
+        expected = adapted(**batch).last_hidden_state  # the adapter applied by peft, not merged
+    last = batch["attention_mask"].sum(1) - 1
+    torch.testing.assert_close(
+        last_layer(encoder, QUERIES), expected[torch.arange(len(QUERIES)), last], rtol=1e-5, atol=1e-5
+    )
