@@ -260,7 +260,7 @@ def test_attributions_equal_captum_riemann_right(request, family):
     encoder = encoder_for(preset_of(request, family))
     batch = encoder.tokenize(TEXTS[1:2])
     targets = find_targets(encoder.transformer)
-    steps = 16
+    steps = 16 if family in ("bert", "llama") else 4  # the other families: fewer steps, the same identity
     attributions = dict(path_attributions(encoder, batch, targets, rule="riemann_right", steps=steps))
     for target in targets:
         names = [f"{target.name}.{key}" for key, _ in target.module.named_parameters()]
