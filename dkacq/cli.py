@@ -6,11 +6,13 @@ Each command lives in its own module under :mod:`dkacq.commands`, imported only 
 the installed ``dkacq`` and ``python -m dkacq``, reports dkacq's own errors in one line instead.
 """
 
+import errno
 import importlib
 import os
 import sys
 import warnings
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 PROG = "dkacq"
 COMMANDS = {
@@ -49,8 +51,14 @@ USER_ERRORS = frozenset(
         "dkacq.encoders.loading.WeightsMismatchError",
         "dkacq.formats.results.ResultConflictError",
         "dkacq.attribution.module.AttributionConflictError",
+        "argparse.ArgumentError",  # options or a config file the parser refused (parsers do not exit on errors)
     }
 )
+ENVIRONMENT_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
+)
+"""What the machine refuses (a full disk or quota, a read-only file system, permissions, a file where a
+folder belongs): one line naming the path (and, for a full disk, the folder to free)."""
 """Errors the user can fix from their message, by qualified class name (any subclass counts too): named,
 not imported, so that a command's modules load only when it runs."""
 
@@ -93,12 +101,15 @@ def is_user_error(error: BaseException) -> bool:
 
     * a :data:`USER_ERRORS` class or a subclass of one;
     * any ``FileNotFoundError``: it names the missing path, wherever it was raised;
+    * an ``OSError`` of :data:`ENVIRONMENT_ERRNOS` that names its path (a full disk, a read-only file system);
     * a ``ValueError`` raised by dkacq's own code (the innermost frame of its traceback is a ``dkacq``
       module): the checks of options and inputs. A ``ValueError`` from torch, transformers, numpy or any
       other library keeps its traceback, as it usually means that dkacq handed it something wrong: a bug.
     """
     names = {f"{cls.__module__}.{cls.__qualname__}" for cls in type(error).__mro__}
     if names & USER_ERRORS or isinstance(error, FileNotFoundError):
+        return True
+    if isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS and error.filename is not None:
         return True
     return isinstance(error, ValueError) and _raised_in_dkacq(error)
 
@@ -115,8 +126,15 @@ def _raised_in_dkacq(error: BaseException) -> bool:
 
 def one_line(error: BaseException) -> str:
     """The error's message on one line (``<path>: no such file or directory`` for a missing file)."""
-    if isinstance(error, FileNotFoundError) and error.filename is not None and error.strerror:
-        return f"{os.fsdecode(error.filename)}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        path = os.fsdecode(error.filename)
+        line = f"{path}: {error.strerror[:1].lower()}{error.strerror[1:]}"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            folder = Path(path).parent
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            line += f"; free some space in {folder} or write elsewhere"
+        return line
     message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
     return message or type(error).__name__
 

@@ -173,3 +173,20 @@ def write_beir(folder: Path, collection: dict, gzipped: bool = False, train_quer
                 file.write("query-id\tcorpus-id\tscore\n")
                 file.writelines(f"{q}\t{d}\t{g}\n" for q, d, g in rows)
     return folder
+
+
+def fit_args(model_dir, data: tuple[str, str], folder, *extra: str) -> list[str]:
+    """``dkacq fit`` of the tiny BERT (mean pooling) on local probe files, its cache and run under ``folder``."""
+    train, test = data
+    return [
+        "fit",
+        "--data.encoder=bert-mean",
+        f"--data.model={model_dir}",
+        "--data.dataset=toy",
+        "--data.source=local",
+        f"--data.train_file={train}",
+        f"--data.test_file={test}",
+        f"--data.cache_dir={folder / 'cache'}",
+        f"--results.run_dir={folder / 'run'}",
+        *extra,
+    ]

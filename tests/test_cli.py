@@ -1,13 +1,14 @@
 """The ``dkacq`` command end to end on tiny models, and every shipped config parsed."""
 
 import csv
+from argparse import ArgumentError
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from dkacq.cli import main
+from dkacq.cli import console, main
 from dkacq.probe.heads import HEADS
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
@@ -78,7 +79,7 @@ def test_a_typo_in_a_study_is_refused_when_read(tmp_path):
     parser = ArgumentParser()
     parser.add_function_arguments(sweep)
     options = parser.instantiate_classes(parser.parse_path(str(path)))
-    with pytest.raises(SystemExit):
+    with pytest.raises(ArgumentError, match="max_exampels"):
         study_clis(options.run_dir, options.data, options.probes, options.attributions)
 
 
@@ -173,9 +174,10 @@ def test_print_config_shows_every_option_with_its_help(capsys):
     assert "leave out cells that ``results.csv`` holds from the same settings" in printed
 
 
-def test_an_unknown_encoder_is_refused_when_parsed(capsys):
+def test_an_unknown_encoder_is_refused_when_parsed_in_one_line_without_the_usage(capsys):
     with pytest.raises(SystemExit) as done:
-        main(["fit", "--data.encoder", "minlm", "--print_config"])
+        console(["fit", "--data.encoder", "minlm", "--print_config"])
     assert done.value.code == 2
-    err = capsys.readouterr().err
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("dkacq: error: ") and "usage" not in err
     assert 'Parser key "data.encoder"' in err and "Got value: minlm" in err and "'repllama'" in err

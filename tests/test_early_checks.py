@@ -2,7 +2,7 @@
 
 import pytest
 
-from dkacq.cli import main
+from dkacq.cli import console, main
 
 
 def _args(model_dir, probe_files, tmp_path, **options) -> list[str]:
@@ -45,9 +45,10 @@ def test_a_bad_cache_dtype_is_refused_when_parsed(
 ):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as done:
-        main(["fit", *_args(tiny_bert_dir, probe_files, tmp_path, **{"data.cache_dtype": "float8"})])
+        console(["fit", *_args(tiny_bert_dir, probe_files, tmp_path, **{"data.cache_dtype": "float8"})])
     assert done.value.code == 2
-    assert "cache_dtype" in capsys.readouterr().err
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert err.startswith("dkacq: error: ") and "cache_dtype" in err
     assert not (tmp_path / "cache").exists()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_probe_files
+from conftest import fit_args, write_probe_files
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_module
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -25,25 +25,9 @@ RUN = "import sys; from dkacq.cli import main; main(sys.argv[1:])"
 
 
 def _fit_args(model_dir: Path, folder: Path, *extra: str) -> list[str]:
-    train, test = write_probe_files(folder)
-    return [
-        "fit",
-        "--data.encoder=bert-mean",
-        f"--data.model={model_dir}",
-        "--data.dataset=toy",
-        "--data.source=local",
-        f"--data.train_file={train}",
-        f"--data.test_file={test}",
-        f"--data.cache_dir={folder / 'cache'}",
-        "--data.batch_size=32",
-        "--data.val_fraction=0.2",
-        "--data.num_passages=3",
-        f"--trainer.max_epochs={EPOCHS}",
-        "--trainer.log_every_n_steps=1",
-        f"--heads=[{', '.join(HEADS)}]",
-        f"--results.run_dir={folder / 'run'}",
-        *extra,
-    ]
+    options = ["--data.batch_size=32", "--data.val_fraction=0.2", "--data.num_passages=3"]
+    options += [f"--trainer.max_epochs={EPOCHS}", "--trainer.log_every_n_steps=1", f"--heads=[{', '.join(HEADS)}]"]
+    return fit_args(model_dir, write_probe_files(folder), folder, *options, *extra)
 
 
 @pytest.fixture(scope="module")

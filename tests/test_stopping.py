@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_probe_files
+from conftest import fit_args, write_probe_files
 from safetensors.torch import load_file
 
 from dkacq.cli import main
@@ -67,25 +67,9 @@ def _signalled(args: list[str], cwd: Path, signum: int, after, env: dict | None 
 
 
 def _fit_args(model_dir: Path, data: tuple[str, str], folder: Path) -> list[str]:
-    train, test = data
-    return [
-        "fit",
-        "--data.encoder=bert-mean",
-        f"--data.model={model_dir}",
-        "--data.dataset=toy",
-        "--data.source=local",
-        f"--data.train_file={train}",
-        f"--data.test_file={test}",
-        f"--data.cache_dir={folder / 'cache'}",
-        "--data.extraction_batch_size=8",
-        "--data.batch_size=8",
-        "--data.val_fraction=0.2",
-        "--data.num_passages=3",
-        "--trainer.max_epochs=1",
-        "--trainer.enable_progress_bar=false",
-        "--heads=[concat]",
-        f"--results.run_dir={folder / 'run'}",
-    ]
+    options = ["--data.extraction_batch_size=8", "--data.batch_size=8", "--data.val_fraction=0.2"]
+    options += ["--data.num_passages=3", "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false"]
+    return fit_args(model_dir, data, folder, *options, "--heads=[concat]")
 
 
 NOT_COMPARED = {"fit_seconds", "config", "predictions"}

@@ -20,7 +20,8 @@ from dkacq.datamodules.texts import TextDataModule
 from dkacq.encoders.loading import model_config
 from dkacq.encoders.memory import free_bytes
 from dkacq.encoders.presets import PRESETS, named_preset
-from dkacq.formats.counts import PROGRESS_DIR, read_segments
+from dkacq.formats.atomic import check_writable
+from dkacq.formats.counts import PROGRESS_DIR, SUMMARY_FILE, read_segments
 from dkacq.report.attribution_figures import plot_attribution_heatmaps
 
 
@@ -91,12 +92,16 @@ class AttributionCLI(LightningCLI):
 
     def finished(self) -> bool:
         """Whether the output folder holds this run's counts already; refuses (one line) a folder that
-        holds counts of other settings. Reads the texts, not the model."""
+        holds counts of other settings, and one the run cannot write in. Reads the texts, not the model."""
         data = self.datamodule
         data.prepare_data()
         data.setup("predict")
         identity = self.model.identity(data, str(self.trainer.precision))
-        return self.model.finished(self.model.output_path_for(data), identity)
+        folder = self.model.output_path_for(data)
+        done = self.model.finished(folder, identity)
+        if not done:
+            check_writable(folder / SUMMARY_FILE)
+        return done
 
     def before_attribute(self) -> None:
         """Check the output folder (and read the texts) and the GPU's memory before the model is loaded; then start."""
@@ -190,7 +195,7 @@ CLI_SETTINGS = dict(
     save_config_callback=SaveAttributionConfig,
     seed_everything_default=42,
     trainer_defaults={"inference_mode": False, "logger": False},
-    parser_kwargs={"prog": output.PROG},
+    parser_kwargs={"prog": output.PROG, "exit_on_error": False},
 )
 
 

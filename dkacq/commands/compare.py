@@ -130,4 +130,4 @@ def compare(
 
 def run(args: list[str]) -> None:
     output.quiet(new_command=True)
-    auto_cli(compare, args=args[1:], prog="dkacq compare")
+    auto_cli(compare, args=args[1:], prog="dkacq compare", exit_on_error=False)

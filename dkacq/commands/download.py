@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from dkacq.data.examples import MSMARCO_CONFIG, MSMARCO_HUB_ID, MSMARCO_SPLITS, PUBLISHED_SPLITS
 from dkacq.encoders.loading import ModelUnavailableError, hub_offline, resolve_model_path
 from dkacq.encoders.presets import PRESETS, ModelSource, split_control_label
+from dkacq.formats.atomic import human_bytes
 from dkacq.formats.errors import DkacqError
 
 DataName = Literal["nq-dpr", "msmarco", "published-nq", "published-msmarco"]
@@ -542,14 +543,7 @@ def _folder_size(folder: str | os.PathLike) -> int:
 
 
 def _human(size: int | None) -> str:
-    if size is None:
-        return "?"
-    value = float(size)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
+    return "?" if size is None else human_bytes(size)
 
 
 def _one_line(error: object) -> str:
@@ -580,4 +574,4 @@ def lists_joined(args: list[str], options: tuple[str, ...] = ("--models", "--dat
 
 
 def run(args: list[str]) -> None:
-    auto_cli(download, args=lists_joined(args[1:]), prog="dkacq download")
+    auto_cli(download, args=lists_joined(args[1:]), prog="dkacq download", exit_on_error=False)

@@ -28,7 +28,7 @@ CLI_SETTINGS = dict(
     save_config_callback=None,
     seed_everything_default=42,
     trainer_defaults={"max_epochs": 30, "deterministic": True, "enable_model_summary": False},
-    parser_kwargs={"prog": output.PROG},
+    parser_kwargs={"prog": output.PROG, "exit_on_error": False},
 )
 IDENTITY_GROUPS = ("seed_everything", "trainer", "model", "data", "checkpoint", "optimizer", "lr_scheduler")
 """The parsed options that can change a probe's numbers: everything of these groups but ``NOT_IDENTITY``.
@@ -144,6 +144,7 @@ class ProbeCLI(LightningCLI):
             {group: options[group] for group in IDENTITY_GROUPS if group in options}, NOT_IDENTITY + tuple(unset)
         )
         setting["embeddings"] = data.cache_request()
+        data.check_split_sizes()
         heads = config.heads or [config.model.head]
         cells = []
         for head, layer in itertools.product(heads, data.probed_layers()):

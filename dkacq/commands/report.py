@@ -40,4 +40,4 @@ def report(
 
 
 def run(args: list[str]) -> None:
-    auto_cli(report, args=args[1:], prog="dkacq report")
+    auto_cli(report, args=args[1:], prog="dkacq report", exit_on_error=False)

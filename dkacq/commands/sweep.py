@@ -171,4 +171,4 @@ def sweep(
 
 
 def run(args: list[str]) -> None:
-    auto_cli(sweep, args=args[1:], prog="dkacq sweep")
+    auto_cli(sweep, args=args[1:], prog="dkacq sweep", exit_on_error=False)

@@ -25,7 +25,7 @@ from dkacq.encoders.model_files import AutoEncoder, check_label
 from dkacq.encoders.pooling import Pooling
 from dkacq.encoders.presets import EncoderName, EncoderPreset, backbone_label, get_preset
 from dkacq.encoders.text_encoder import REFERENCE_PADDING
-from dkacq.formats.atomic import file_lock
+from dkacq.formats.atomic import check_folder, file_lock
 
 AUTO_OPTIONS = (
     "passage_model",
@@ -199,6 +199,11 @@ def embedding_request(preset: EncoderPreset, data_fingerprint: str, storage_dtyp
     return request
 
 
+def validation_size(num_train: int, val_fraction: float) -> int:
+    """Examples of the train split held out to choose the best epoch: ``val_fraction`` of them, at least one."""
+    return max(1, round(val_fraction * num_train))
+
+
 class ProbeDataModule(LightningDataModule):
     """Probe examples over one layer of an encoder's cached vectors.
 
@@ -315,6 +320,11 @@ class ProbeDataModule(LightningDataModule):
         """
         super().__init__()
         check_num_passages(num_passages)
+        if layers is not None and not layers:
+            raise ValueError(
+                "data.layers is empty: give the hidden states to probe (e.g. [0, 6]), or leave it out for all"
+            )
+        check_folder(cache_dir, "data.cache_dir")
         if max_examples is not None and max_examples < 2:
             raise ValueError(f"max_examples must be at least 2, got {max_examples}")
         if not 0 < val_fraction < 1:
@@ -435,6 +445,23 @@ class ProbeDataModule(LightningDataModule):
             raise ValueError(f"{self.preset.name}: query and passage encoders have different numbers of layers")
         return counts.pop()
 
+    def check_split_sizes(self) -> None:
+        """Refuse, before the cache is built, splits too small to probe: a test split needs 2 examples
+        (one gives no accuracy worth a row, and its outcome file no pairs), a train split enough for one
+        held-out validation example and one to train on."""
+        probe_set, _ = self.load_probe_set()
+        where = self.hparams.train_file or self.hparams.hub_id or self.hparams.source
+        test, train = len(probe_set["test"]), len(probe_set["train"])
+        if test < 2:
+            where = self.hparams.test_file or where
+            raise ValueError(f"{where}: the test split has {test} example(s); probing needs at least 2")
+        num_val = validation_size(train, self.hparams.val_fraction)
+        if train - num_val < 1:
+            raise ValueError(
+                f"{where}: the train split has {train} example(s), too few to hold out {num_val} for validation "
+                f"(data.val_fraction={self.hparams.val_fraction}) and train on the rest"
+            )
+
     def probed_layers(self) -> list[int]:
         """The layers to probe, checked against the model's config before anything is built."""
         layers = self.hparams.layers or list(range(self.num_hidden_states))
@@ -464,6 +491,11 @@ class ProbeDataModule(LightningDataModule):
             if open_cache(self.embeddings_folder, request) is None:
                 self._build(request, distribution, callbacks)
             return
+        try:  # a complete cache is read without its lock, which a read-only file system could not hold
+            if open_cache(self.embeddings_folder, request) is not None:
+                return
+        except CacheDamagedError:
+            pass  # checked again under the lock, and rebuilt
         with file_lock(self.embeddings_folder):
             try:
                 if open_cache(self.embeddings_folder, request) is not None:
@@ -517,7 +549,7 @@ class ProbeDataModule(LightningDataModule):
         train_query, train_passages = self._usable(*cache.index("train"), "train")
         test_query, test_passages = self._usable(*cache.index("test"), "test")
         order = torch.randperm(len(train_query), generator=torch.Generator().manual_seed(self.hparams.seed))
-        num_val = max(1, round(self.hparams.val_fraction * len(order)))
+        num_val = validation_size(len(order), self.hparams.val_fraction)
         val_rows, train_rows = order[:num_val], order[num_val:]
         if self.hparams.standardize:
             queries, passages = self._standardize(

@@ -75,7 +75,7 @@ from dkacq.encoders.cache import (
 )
 from dkacq.encoders.memory import auto_extraction_batch_size, running_dtype
 from dkacq.encoders.text_encoder import TextEncoder
-from dkacq.formats.atomic import atomic_write_text
+from dkacq.formats.atomic import atomic_write_text, check_space, human_bytes
 from dkacq.formats.provenance import hardware, package_versions
 
 log = logging.getLogger("dkacq")
@@ -214,7 +214,7 @@ class CacheBuildData(LightningDataModule):
         for other in staging.parent.glob(f".{plan.folder.name}.*.partial"):
             if other != staging and other.is_dir():
                 size = sum(path.stat().st_blocks * 512 for path in other.rglob("*") if path.is_file())
-                log.warning("%s: a partial build of other settings (%.1f GB) is left there", other, size / 1e9)
+                log.warning("%s: a partial build of other settings (%s) is left there", other, human_bytes(size))
         problem = None
         if staging.exists():
             found = read_json(staging / BUILD_FILE)
@@ -242,12 +242,7 @@ class CacheBuildData(LightningDataModule):
             log.info("%s: resuming: %d of %d batches are done", staging, len(done), plan.num_batches)
 
     def _check_space(self, needed: int) -> None:
-        free = shutil.disk_usage(self.plan.staging).free
-        if needed > free:
-            raise CacheError(
-                f"{self.plan.staging}: the cache needs {needed / 1e9:.1f} GB more, but {free / 1e9:.1f} GB "
-                f"are free there; free some space or choose another cache_dir"
-            )
+        check_space(self.plan.staging, needed, "the embedding cache (data.cache_dir)")
 
     def setup(self, stage: str) -> None:
         plan, trainer = self.plan, self.trainer

@@ -54,6 +54,36 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
+def check_folder(folder: str | os.PathLike, purpose: str) -> Path:
+    """The nearest of ``folder`` and its parents that exists, refused in one line when it is not a folder
+    (a file where ``purpose``, the option or file that names it, needs a folder)."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DkacqError(f"{folder}: a file, where dkacq needs a folder for {purpose}")
+    return folder
+
+
+def human_bytes(size: float) -> str:
+    """``812 B``, ``3.4 KB``, ``1.2 GB`` (powers of 1000): a size as a person reads it, small ones too."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(size) < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
+def check_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse, before writing, ``needed`` bytes of ``what`` into ``folder`` when its file system has less free."""
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise DkacqError(
+            f"{folder}: {what} needs {human_bytes(needed)} more, but {human_bytes(free)} are free there; "
+            "free some space or choose another folder"
+        )
+
+
 def check_writable(path: str | os.PathLike) -> None:
     """Refuse, in one line and before any work, a ``path`` that a write through :func:`atomic_write`
     would fail on or should not replace: a file without write permission (mode 444 is the user's way of
@@ -66,11 +96,7 @@ def check_writable(path: str | os.PathLike) -> None:
     if path.exists() and (not path.stat().st_mode & 0o222 or not os.access(path, os.W_OK)):
         mode = f"{path.stat().st_mode & 0o777:o}"
         raise DkacqError(f"{path}: read-only (mode {mode}); make it writable (chmod u+w) or choose another place")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise DkacqError(f"{folder}: a file, where dkacq needs a folder for {path}")
+    folder = check_folder(path.parent, str(path))
     try:
         handle, name = tempfile.mkstemp(dir=folder, prefix=".dkacq-write-check.")
     except OSError as error:
