@@ -2,8 +2,10 @@
 cache, a file where a folder belongs, splits too small to probe, an empty layer list."""
 
 import errno
+import importlib
 import shutil
 
+import datasets
 import pytest
 from conftest import fit_args, write_probe_files
 
@@ -14,6 +16,10 @@ from dkacq.formats.atomic import check_space
 
 @pytest.fixture
 def no_model_loading(monkeypatch):
+    # imported first: a module imported while the patch is on would keep the patched name for good
+    datasets.disable_progress_bars()  # the dkacq command turns them off before it imports datasets
+    importlib.import_module("dkacq.commands.attribute")
+    importlib.import_module("dkacq.commands.probe")
     monkeypatch.setattr("dkacq.encoders.loading.load_encoders", lambda *a, **k: pytest.fail("a model was loaded"))
 
 
@@ -21,7 +27,9 @@ def _refused(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit:
         console(args)
     assert exit.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    line = lines[0]
     assert line.startswith("dkacq: error: ")
     return line.removeprefix("dkacq: error: ")
 
