@@ -56,41 +56,46 @@ def _rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(file))
 
 
-def test_fit_says_each_cell_once_in_order_and_nothing_of_the_libraries(fitted, tiny_bert_dir):
+def test_fit_into_a_log_file_says_each_cell_once_in_order_and_nothing_of_the_libraries(fitted, tiny_bert_dir):
+    """Output that is not a terminal (here pipes, as a log file): no bar frames, no boxed test tables, one
+    device line, one line per cache build and one per cell with its test accuracy and time."""
     folder, stdout, stderr = fitted
     everything = stdout + stderr
     name = Path(tiny_bert_dir).name
     labels = [f"toy {name} mean N=3 layer {layer} {head}" for layer in LAYERS for head in HEADS]
 
-    announced = [line for line in _lines(stdout) if re.match(r"\[\d+/\d+\] ", line)]
-    assert announced == [f"[{number}/{len(labels)}] {label}" for number, label in enumerate(labels, 1)]
-    assert _lines(stdout)[-1] == str(folder / "run" / "results.csv")
-
-    device_lines = [line for line in _lines(everything) if line.startswith("GPU available")]
-    assert len(device_lines) == 1, device_lines
-    assert sum(line.startswith("TPU available") for line in _lines(everything)) == 1
-    assert sum(line.startswith("Seed set to") for line in _lines(everything)) == 1
-    for noise in (
-        "Tip",
-        "litlogger",
-        "litmodels",
-        "Traceback",
-        "site-packages",
-        "Warning",
-        "does not have many workers",
-        "Total params",
-        "v_num",
-        "Restoring states",
-        "Loaded model weights",
-    ):
+    assert "\r" not in everything
+    lines = stdout.splitlines()
+    assert re.fullmatch(
+        rf"cached {name}: 960 texts at 3 hidden states in [\d.]+ s \([\d,]+ texts/s, cpu\), read back in [\d.]+ s",
+        lines[0],
+    ), lines[0]
+    cells = [re.fullmatch(r"\[(\d+)/6\] (.*): test acc (0\.\d{3}|1\.000), [\d.]+ s", line) for line in lines[1:-1]]
+    assert all(cells), lines
+    assert [(int(cell[1]), cell[2]) for cell in cells] == list(enumerate(labels, 1))
+    tested = {(row["layer"], row["probe"]): float(row["test_acc"]) for row in _rows(folder)}
+    for cell, (layer, head) in zip(cells, [(layer, head) for layer in LAYERS for head in HEADS]):
+        assert float(cell[3]) == pytest.approx(tested[str(layer), head], abs=5e-4)
+    assert lines[-1] == str(folder / "run" / "results.csv")
+    assert stderr.splitlines() == ["Seed set to 42", "GPU available: False, used: False"]
+    for noise in ("Test metric", "┏", "Tip", "Traceback", "Warning", "Total params", "v_num", "Restoring states"):
         assert noise not in everything, noise
 
-    # The bars: the cache's per side in texts per second, each cell's named by the cell.
-    assert any(re.match(r"caching \S+: queries 100%.* 160/160 \[.* texts/s\]", line) for line in _lines(stdout))
-    assert any(re.match(r"caching \S+: passages 100%.* texts/s\]", line) for line in _lines(stdout))
-    for label in labels:
-        assert any(line.startswith(f"{label}, epoch {EPOCHS - 1}/{EPOCHS - 1}: 100%") for line in _lines(stdout)), label
-        assert any(line.startswith(f"{label}, testing: 100%") for line in _lines(stdout)), label
+
+def test_fit_at_a_terminal_shows_bars_named_by_the_cache_and_the_cell(tiny_bert_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("dkacq.commands.probe.at_terminal", lambda: True)
+    monkeypatch.setattr("dkacq.encoders.extraction.at_terminal", lambda: True)
+    main(_fit_args(tiny_bert_dir, tmp_path, "--heads=[concat]", "--data.layers=[2]"))
+    out = capsys.readouterr().out
+    label = f"toy {Path(tiny_bert_dir).name} mean N=3 layer 2 concat"
+    assert any(re.match(r"caching \S+: queries 100%.* 160/160 \[.* texts/s\]", line) for line in _lines(out))
+    assert any(re.match(r"caching \S+: passages 100%.* texts/s\]", line) for line in _lines(out))
+    assert f"[1/1] {label}\n" in out  # when it starts, above its bar
+    assert any(line.startswith(f"{label}, epoch {EPOCHS - 1}/{EPOCHS - 1}: 100%") for line in _lines(out))
+    assert any(line.startswith(f"{label}, testing: 100%") for line in _lines(out))
+    assert re.search(rf"\[1/1\] {label}: test acc [\d.]+, [\d.]+ s\n", out)
+    assert "Test metric" not in out and "┏" not in out
 
 
 def test_a_resumed_fit_says_once_how_many_cells_it_skips(fitted, tiny_bert_dir, monkeypatch, capsys):

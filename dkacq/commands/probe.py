@@ -3,6 +3,7 @@
 import contextlib
 import itertools
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dkacq.commands import output, stopping
 from dkacq.datamodules.probe import AUTO_OPTIONS, LAYERS, ProbeDataModule
-from dkacq.encoders.extraction import saved_batches
+from dkacq.encoders.extraction import at_terminal, saved_batches
 from dkacq.formats.atomic import atomic_write_text, check_writable
 from dkacq.formats.identity import digest, without
 from dkacq.formats.results import ProbeCell, check_cells, check_one_setting_per_cell, finished_ids, read_table
@@ -110,10 +111,12 @@ class ProbeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         """The trainer, with a bar that names the cell (:class:`~dkacq.commands.output.CellProgressBar`)
-        where a bar is shown and the user's callbacks hold none of their own, and the stop at a batch's
+        where a bar is shown (at a terminal) and the user's callbacks hold none of their own, and the stop at a batch's
         end on SIGTERM or SIGUSR1 (:mod:`~dkacq.commands.stopping`)."""
         options = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = [self._get(self.config_init, key) for key in self._parser(self.subcommand).callback_keys]
+        if not at_terminal() and not output.has_own_bar(options):
+            options["enable_progress_bar"] = False  # a log file: a line per cell instead (run_cells)
         if output.progress_bar_wanted(options):
             callbacks.append(output.CellProgressBar())
         callbacks.append(stopping.StopAtBatchEnd())
@@ -278,8 +281,10 @@ class ProbeCLI(LightningCLI):
         jobs = self.planned(writing=False)
         output.checked()
 
-        def validate(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> None:
-            cli.trainer.validate(
+        kwargs["verbose"] = False  # no boxed table per cell: run_cells says each in a line
+
+        def validate(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> list[dict]:
+            return cli.trainer.validate(
                 cli.model, datamodule=cli.datamodule, ckpt_path=parent._best_checkpoint(cell, ckpt_path), **kwargs
             )
 
@@ -291,8 +296,10 @@ class ProbeCLI(LightningCLI):
         for cli in dict.fromkeys(parent for parent, _ in jobs):
             cli._save_config()
 
-        def test(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> None:
-            cli.trainer.test(
+        kwargs["verbose"] = False
+
+        def test(parent: "ProbeCLI", cell: ProbeCell, cli: "ProbeCLI") -> list[dict]:
+            return cli.trainer.test(
                 cli.model, datamodule=cli.datamodule, ckpt_path=parent._best_checkpoint(cell, ckpt_path), **kwargs
             )
 
@@ -302,12 +309,14 @@ class ProbeCLI(LightningCLI):
 
 def run_cells(
     jobs: list[tuple[ProbeCLI, ProbeCell]],
-    action: Callable[[ProbeCLI, ProbeCell, ProbeCLI], None],
+    action: Callable[[ProbeCLI, ProbeCell, ProbeCLI], list[dict]],
     share_layers: bool = True,
 ) -> None:
     """Run ``action(setting, cell, cell_cli)`` with a fresh CLI (:meth:`ProbeCLI.cell_cli`) for each
-    (setting, cell) of ``jobs``, each announced on a line of its own
-    (``[3/14] demo minilm mean N=5 layer 2 concat``), counting the cells that run.
+    (setting, cell) of ``jobs``; each cell is said on a line of its own when it is done, with the
+    accuracies ``action`` returns (what ``trainer.test`` or ``validate`` return) and its time
+    (``[3/14] demo minilm mean N=5 layer 2 concat: test acc 0.412, 2.3 s``); at a terminal also when
+    it starts, above its bar.
 
     With ``share_layers`` the cells run layer by layer (every setting and head of layer 0, then of
     layer 1, ...) and each layer's vectors are read once for all of them (:data:`LAYERS`); a cell's
@@ -322,14 +331,17 @@ def run_cells(
     stopping.STATE.doing(lambda: f"{finished} of {len(jobs)} probe cells done, each recorded in {tables}")
     with LAYERS.sharing() if share_layers else contextlib.nullcontext():
         for number, (parent, cell) in enumerate(jobs, 1):
-            output.say(f"[{number}/{len(jobs)}] {cell.label}")
+            started = time.perf_counter()
+            if at_terminal():
+                output.say(f"[{number}/{len(jobs)}] {cell.label}")
             cli = parent.cell_cli(cell)
             try:
-                action(parent, cell, cli)
+                metrics = action(parent, cell, cli)
             finally:
                 cli.datamodule.release()
                 del cli
             finished += 1
+            output.say(output.cell_line(number, len(jobs), cell.label, metrics, time.perf_counter() - started))
 
 
 def cache_saved(folder: Path) -> str:
@@ -353,11 +365,12 @@ def fit_settings(clis: list[ProbeCLI], ckpt_path: str | None = None, share_layer
     jobs = [(cli, cell) for cli in clis for cell in cli.todo()]
     done = {id(cli): finished_ids(cli.results.results_path) if cli.results.skip_finished else set() for cli in clis}
 
-    def fit(parent: ProbeCLI, cell: ProbeCell, cli: ProbeCLI) -> None:
+    def fit(parent: ProbeCLI, cell: ProbeCell, cli: ProbeCLI) -> list[dict]:
         shutil.rmtree(parent._checkpoint_folder(cell), ignore_errors=True)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, **kwargs)
-        cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+        metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
         record_layer_baselines(cli.datamodule, parent.results.run_dir, done[id(parent)], parent.results.config_file)
+        return metrics
 
     run_cells(jobs, fit, share_layers)
     for cli in clis:  # settings or layers whose probes were all finished earlier: their baselines, once
