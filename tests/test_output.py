@@ -135,13 +135,18 @@ def test_tensorboard_holds_each_cell_and_the_runs_curves(fitted):
             "and of every step (3 batches of the 96 training examples)"
         )
         assert len(events.Scalars("val/acc")) == EPOCHS and len(events.Scalars("test/acc")) == 1
-        (hp_metric,) = events.Scalars("hp_metric")
-        assert hp_metric.value == pytest.approx(float(row["val_acc"]), abs=1e-5), "the best epoch's, not -1"
+        (best,) = events.Scalars("val/acc_best")
+        assert best.value == pytest.approx(float(row["val_acc"]), abs=1e-5), "the best epoch's"
+        assert "hp_metric" not in events.Tags()["scalars"]
+        experiment = events.PluginTagToContent("hparams")["_hparams_/experiment"]
+        infos = plugin_data_pb2.HParamsPluginData.FromString(experiment).experiment.metric_infos
+        assert sorted(info.name.tag for info in infos) == ["test/acc", "val/acc_best"]
         assert events.Scalars("test/acc")[0].value == pytest.approx(float(row["test_acc"]), abs=1e-5)
         hparams = _hparams(events)
         assert hparams["layer"] == layer and hparams["layers"] == f"[{layer}]"
         assert hparams["head"] == row["probe"] and hparams["cell_id"] == row["cell_id"]
         assert hparams["learning_rate"] == pytest.approx(float(row["learning_rate"]))
+        assert hparams["max_examples"] == "" and hparams["train_file"].endswith("train.jsonl"), "unset: empty"
         assert yaml.safe_load((cell / "hparams.yaml").read_text())["layers"] == [layer]
 
     summary = _events(board / "summary")

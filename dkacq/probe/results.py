@@ -11,9 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.tensorboard.summary import hparams
 
 from dkacq.formats.atomic import file_lock
 from dkacq.formats.results import (
@@ -115,19 +117,28 @@ class ProbeResults(Callback):
         )
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
-                self._log_cell(logger, trainer, pl_module)
+                self._log_cell(logger, trainer, pl_module, float(correct.float().mean()))
                 write_summary(self.results_path, Path(logger.root_dir) / SUMMARY)
 
-    def _log_cell(self, logger: TensorBoardLogger, trainer: Trainer, pl_module: LightningModule) -> None:
-        """The cell's hyperparameters (the data's and the probe's, its layer and ``cell_id``) with
-        ``hp_metric``, the validation accuracy of the tested epoch: the number a sweep over settings
-        compares in TensorBoard's HPARAMS tab."""
+    def _log_cell(
+        self, logger: TensorBoardLogger, trainer: Trainer, pl_module: LightningModule, test_acc: float
+    ) -> None:
+        """The cell's hyperparameters (the data's and the probe's, its layer and ``cell_id``) in
+        TensorBoard's HPARAMS tab with two metrics by name: ``test/acc``, the tested checkpoint's test
+        accuracy, and ``val/acc_best``, the validation accuracy of that (best) epoch: what a sweep over
+        settings compares. Options left unset show as empty, not as "None"."""
         cell = self.cell
         params = {**dict(trainer.datamodule.hparams), **dict(pl_module.hparams)}
         params = {key: value for key, value in params.items() if not key.startswith("_")}  # LightningCLI's own
         params |= {"layer": cell.layer, "pooling": cell.pooling, "cell_id": cell.id}
+        logger.log_hyperparams(params)  # hparams.yaml, unset options as null
         best = pl_module.checkpoint_val_acc
-        logger.log_hyperparams(params, {"hp_metric": best} if best is not None else None)
+        metrics = {"test/acc": test_acc, "val/acc_best": float("nan") if best is None else best}
+        logger.log_metrics({"val/acc_best": metrics["val/acc_best"]}, step=trainer.global_step)
+        shown = {key: "" if value is None else value for key, value in _flatten_dict(_convert_params(params)).items()}
+        writer = logger.experiment._get_file_writer()
+        for summary in hparams(logger._sanitize_params(shown), metrics):
+            writer.add_summary(summary, trainer.global_step)
 
 
 def setting_values(data) -> dict:
