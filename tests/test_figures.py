@@ -19,7 +19,7 @@ import dkacq.report
 from dkacq.probe.baselines import BASELINES, METHODS
 from dkacq.probe.heads import HEADS
 from dkacq.report.attribution_figures import (
-    bin_max_percentages,
+    bin_active_shares,
     draw_active_fraction_vs_threshold,
     draw_attribution_comparison,
     draw_attribution_heatmaps,
@@ -189,18 +189,20 @@ def write_table(folder: Path, records: list[dict]) -> Path:
 
 
 def naive_bins(counts: np.ndarray, num_texts: int, bins: int = 10) -> np.ndarray:
-    """The largest percentage of texts per consecutive neuron bin, by loops (the first
-    ``neurons % bins`` bins one neuron larger)."""
+    """The share (%) of a consecutive neuron bin's neurons active per text, on average over the texts, by
+    loops over texts and neurons (the first ``neurons % bins`` bins one neuron larger): text t activates
+    neuron n when t < counts[n] (any assignment with those counts gives the same average)."""
     layers, neurons = counts.shape
     expected = np.zeros((layers, bins))
     start = 0
     for b in range(bins):
         size = neurons // bins + (1 if b < neurons % bins else 0)
         for layer in range(layers):
-            best = 0.0
-            for neuron in range(start, start + size):
-                best = max(best, counts[layer, neuron] / num_texts * 100)
-            expected[layer, b] = best
+            shares = []
+            for text in range(num_texts):
+                active = sum(1 for neuron in range(start, start + size) if text < counts[layer, neuron])
+                shares.append(active / size * 100)
+            expected[layer, b] = sum(shares) / num_texts
         start += size
     assert start == neurons
     return expected
@@ -257,16 +259,34 @@ def results(tmp_path):
     return write_results(tmp_path / "probe")
 
 
-def test_bin_max_percentages_equals_naive_loop():
+def test_bin_active_shares_equals_naive_loop():
     rng = np.random.default_rng(1)
     for neurons, bins in [(37, 10), (30, 10), (10, 10), (23, 4)]:
         counts = rng.integers(0, 41, (4, neurons))
-        np.testing.assert_allclose(bin_max_percentages(counts, 40, bins), naive_bins(counts, 40, bins))
+        np.testing.assert_allclose(bin_active_shares(counts, 40, bins), naive_bins(counts, 40, bins))
 
 
-def test_bin_max_percentages_rejects_too_few_neurons():
+def test_a_line_breaks_at_missing_layers(tmp_path):
+    rows = read_results(
+        [write_table(tmp_path, [{"model": "m", "layer": layer, "test_acc": 0.5} for layer in (0, 1, 6)])]
+    )
+    (panel,) = probe_panels(draw_probe_curves(rows, "nq", "cls", published_overlay=False)).values()
+    x, y = drawn(panel)["m concat"]
+    assert x == [0, 1, 2, 3, 4, 5, 6]
+    assert y[:2] == [0.5, 0.5] and all(np.isnan(y[2:6])) and y[6] == 0.5
+
+
+def test_a_bin_with_one_always_active_neuron_is_not_shown_as_all_active():
+    """What made the published maxima read 100% for a random-init control: one neuron per bin active in
+    every text. The share says 1 neuron in 10."""
+    counts = np.zeros((2, 100), dtype=int)
+    counts[:, ::10] = 40
+    np.testing.assert_allclose(bin_active_shares(counts, 40), np.full((2, 10), 10.0))
+
+
+def test_bin_active_shares_rejects_too_few_neurons():
     with pytest.raises(ValueError):
-        bin_max_percentages(np.ones((2, 5)), 10)
+        bin_active_shares(np.ones((2, 5)), 10)
 
 
 def test_published_curve_equals_shipped_csv():

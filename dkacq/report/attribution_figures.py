@@ -16,12 +16,15 @@ from dkacq.formats.counts import SIDES, AttributionRun
 from dkacq.report.plotting import legend_below, save_figure
 
 
-def bin_max_percentages(counts: np.ndarray, num_texts: int, bins: int = 10) -> np.ndarray:
-    """``[layers, bins]``: the largest percentage of texts in which a neuron of the bin is active.
+def bin_active_shares(counts: np.ndarray, num_texts: int, bins: int = 10) -> np.ndarray:
+    """``[layers, bins]``: the share (in %) of the bin's neurons active in a text, on average over the texts
+    (the mean of the bin's per-neuron counts over ``num_texts``).
 
-    Neurons are split into ``bins`` consecutive groups in index order, as ``np.array_split`` does (the
-    first ``num_neurons % bins`` groups hold one neuron more), so every neuron is in a bin; the
-    published plotting code uses ``num_neurons // bins`` per bin and leaves the remainder out.
+    The published heatmaps show each bin's most active neuron instead, which saturates: with thousands
+    of neurons per bin some neuron is active in nearly every text, so a random-init control reads 100%
+    everywhere. The share tells bins (and models) apart. Neurons are split into ``bins`` consecutive
+    groups in index order, as ``np.array_split`` does (the first ``num_neurons % bins`` groups hold one
+    neuron more), so every neuron is in a bin.
     """
     counts = np.asarray(counts)
     if num_texts <= 0:
@@ -29,11 +32,11 @@ def bin_max_percentages(counts: np.ndarray, num_texts: int, bins: int = 10) -> n
     if counts.ndim != 2 or counts.shape[1] < bins:
         raise ValueError(f"counts must be [layers, neurons] with at least {bins} neurons, got {counts.shape}")
     percentages = counts / num_texts * 100
-    return np.stack([chunk.max(axis=1) for chunk in np.array_split(percentages, bins, axis=1)], axis=1)
+    return np.stack([chunk.mean(axis=1) for chunk in np.array_split(percentages, bins, axis=1)], axis=1)
 
 
 def _binned(run: AttributionRun, kind: str, threshold: float) -> np.ndarray:
-    return bin_max_percentages(run.counts_at(kind, threshold), run.num_texts)
+    return bin_active_shares(run.counts_at(kind, threshold), run.num_texts)
 
 
 def run_title(run: AttributionRun) -> str:
@@ -93,7 +96,7 @@ def draw_attribution_heatmaps(run_dir: Path, threshold: float | None = None) -> 
     for ax, (kind, matrix) in zip(figure.subplots(1, len(matrices), squeeze=False)[0], matrices.items()):
         image = _heatmap(ax, matrix, "YlOrRd", 0.0, max(float(matrix.max()), 1e-9), annotate=matrix.shape[0] <= 16)
         ax.set_title(_kind_title(run, kind))
-        figure.colorbar(image, ax=ax, label="% of texts (most active neuron of the bin)")
+        figure.colorbar(image, ax=ax, label="% of the bin's neurons active per text")
     figure.suptitle(f"Active neurons of {run_title(run)}\nthreshold {threshold:g}, {run.num_texts:,} texts")
     return figure
 
@@ -133,7 +136,7 @@ def draw_attribution_comparison(run_dir_a: Path, run_dir_b: Path, threshold: flo
         for row, (run, run_matrices) in enumerate(zip(runs, matrices)):
             image = _heatmap(axes[row, column], run_matrices[kind], "YlOrRd", 0.0, vmax, annotate=False)
             axes[row, column].set_title(f"{run.model}: {kind}")
-        figure.colorbar(image, ax=axes[:2, column], label="% of texts (most active neuron of the bin)")
+        figure.colorbar(image, ax=axes[:2, column], label="% of the bin's neurons active per text")
         if with_difference:
             difference = matrices[0][kind] - matrices[1][kind]
             limit = max(float(np.abs(difference).max()), 1e-9)

@@ -288,6 +288,15 @@ def _shortcut_levels(shortcuts: Sequence[ProbeResult], num_passages: int) -> lis
     return [(acc, ", ".join(sorted(models, key=model_sort_key))) for acc, models in sorted(levels.items())]
 
 
+def with_gaps(layers: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every layer from the first to the last, NaN where a layer has no value: a line breaks where
+    layers are missing instead of joining, say, layers 0 and 6 across the ones not probed."""
+    full = np.arange(int(layers.min()), int(layers.max()) + 1) if len(layers) else np.asarray(layers)
+    filled = np.full(len(full), np.nan)
+    filled[np.searchsorted(full, layers)] = values
+    return full, filled
+
+
 def _draw_series(ax: Axes, s: CurveSeries, colour: tuple, base_model: str | None) -> set[str]:
     """A published curve as a wide pale band; ours as a line over its interval band, with every point
     marked. Returns the marks used."""
@@ -310,10 +319,12 @@ def _draw_series(ax: Axes, s: CurveSeries, colour: tuple, base_model: str | None
         if len(s.layers) == 1:  # a band over one layer has no width: a bar instead
             ax.vlines(s.layers, s.low, s.high, color=colour, alpha=3 * BAND_ALPHA, linewidth=4, zorder=1)
         else:
+            (layers, low), (_, high) = with_gaps(s.layers, s.low), with_gaps(s.layers, s.high)
             ax.fill_between(
-                s.layers, s.low, s.high, color=colour, alpha=BAND_ALPHA, linewidth=0, zorder=1, label=f"{name} 95% CI"
+                layers, low, high, color=colour, alpha=BAND_ALPHA, linewidth=0, zorder=1, label=f"{name} 95% CI"
             )
-    ax.plot(s.layers, s.acc, color=colour, linestyle=style.linestyle, linewidth=style.linewidth, zorder=2, label=name)
+    layers, acc = with_gaps(s.layers, s.acc)
+    ax.plot(layers, acc, color=colour, linestyle=style.linestyle, linewidth=style.linewidth, zorder=2, label=name)
     used = set()
     for mark, where in point_marks(s, base_model).items():
         if where.any():
