@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -571,6 +572,22 @@ def test_report_reads_runs_only_through_the_counts_owner():
         ]
         for text in strings:
             assert "@" not in text and "counts.safetensors" not in text and "summary.json" not in text, (path, text)
+
+
+def test_methods_differ_by_colour_and_models_by_marker(results):
+    colours = [to_rgba(METHOD_STYLES[method].colour) for method in METHODS]
+    assert len(set(colours)) == len(colours), "two methods share a colour"
+    panel = next(iter(probe_panels(draw_probe_curves(read_results([results[0]]), "nq", "cls")).values()))
+    lines = {line.get_label(): line for line in panel.get_lines()}
+    for probe in PROBES:
+        curves = [lines[f"{model} {probe}"] for model in MODELS]
+        assert {to_rgba(line.get_color()) for line in curves} == {to_rgba(METHOD_STYLES[probe].colour)}
+        markers = {
+            line.get_marker()
+            for label, line in lines.items()
+            if label.startswith(tuple(f"{m} {probe} " for m in MODELS)) and not label.endswith(("published", "CI"))
+        }
+        assert len(markers) == len(MODELS), markers
 
 
 def test_every_method_has_a_line_style():

@@ -4,19 +4,18 @@ band, and the query-blind shortcut as a level line."""
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from dkacq.encoders.presets import base_model_for, model_sort_key, split_control_label
+from dkacq.encoders.presets import base_model_for, model_sort_key
 from dkacq.probe.baselines import METHODS, SHORTCUT
 from dkacq.report.plotting import legend_below, save_figure
 from dkacq.report.published import published_curve
@@ -25,25 +24,29 @@ from dkacq.report.stats import ProbeResult, missing_comparison, per_layer, short
 
 @dataclass(frozen=True)
 class MethodStyle:
-    """How a method's curves are drawn: one line style per method, the colour being the model's. The
-    trained heads are solid, dash-dotted or dotted; the untrained baselines dashed and thinner."""
+    """How a method's curves are drawn: a colour and a line style of its own (the two say the same, so a
+    grey print still tells the methods apart); the model is the marker (:data:`MODEL_MARKERS`). The
+    trained heads are thicker, the untrained baselines dashed and thinner."""
 
+    colour: str
     linestyle: str | tuple
     legend: str
     linewidth: float = 1.5
 
 
 METHOD_STYLES: dict[str, MethodStyle] = {
-    "concat": MethodStyle("-", "concat (the study's probe)"),
-    "passage_only": MethodStyle("-.", "passage_only (no query)"),
-    "query_aware": MethodStyle((0, (3, 1, 1, 1, 1, 1)), "query_aware"),
-    "bilinear": MethodStyle((0, (1, 1)), "bilinear (low rank)"),
-    "residual_bilinear": MethodStyle((0, (5, 1, 1, 1)), "residual_bilinear (similarity + low rank)"),
-    "similarity_cosine": MethodStyle("--", "cosine similarity (untrained)", 1.1),
-    "similarity_dot": MethodStyle((0, (7, 3)), "dot product (untrained)", 1.1),
+    "concat": MethodStyle("tab:blue", "-", "concat (the study's probe)"),
+    "passage_only": MethodStyle("tab:orange", "-.", "passage_only (no query)"),
+    "query_aware": MethodStyle("tab:green", (0, (3, 1, 1, 1, 1, 1)), "query_aware"),
+    "bilinear": MethodStyle("tab:red", (0, (1, 1)), "bilinear (low rank)"),
+    "residual_bilinear": MethodStyle("tab:purple", (0, (5, 1, 1, 1)), "residual_bilinear (similarity + low rank)"),
+    "similarity_cosine": MethodStyle("tab:brown", "--", "cosine similarity (untrained)", 1.1),
+    "similarity_dot": MethodStyle("tab:gray", (0, (7, 3)), "dot product (untrained)", 1.1),
 }
 if set(METHOD_STYLES) != set(METHODS):
     raise RuntimeError(f"METHOD_STYLES must style exactly the methods {METHODS}, not {tuple(METHOD_STYLES)}")
+MODEL_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
+"""The marker of each model of a figure, in the presets' plotting order (then repeating)."""
 SHORTCUT_STYLE = dict(color="0.45", linewidth=1.2, linestyle=(0, (1, 3)), zorder=0)
 """The shortcut's level line (grey, sparse dots), beside the chance line (dark grey, dotted)."""
 BAND_ALPHA = 0.12
@@ -66,22 +69,9 @@ class CurveSeries:
     """The Wilson 95% interval at every layer (NaN where a row has none); None for a published curve."""
 
 
-def _colour_pair(model: str) -> tuple[str, bool]:
-    """The model whose tab20 pair ``model`` is drawn in, and whether in the pair's light shade: a
-    random-init control of seed 0 is its trained model's light shade; any other model has a pair of its own."""
-    control = split_control_label(model)
-    return (control[0], True) if control and control[1] == 0 else (model, False)
-
-
-def _model_colours(models: Iterable[str]) -> dict[str, tuple]:
-    """A trained model and its random-init control share a hue: dark and light of one tab20 pair."""
-    palette = colormaps["tab20"]
-    pairs = sorted({_colour_pair(model)[0] for model in models}, key=model_sort_key)
-    colours = {}
-    for model in models:
-        pair, light = _colour_pair(model)
-        colours[model] = palette((2 * pairs.index(pair) + light) % 20)
-    return colours
+def _model_markers(models: Sequence[str]) -> dict[str, str]:
+    """Model -> its marker, in the presets' plotting order."""
+    return {model: MODEL_MARKERS[i % len(MODEL_MARKERS)] for i, model in enumerate(sorted(models, key=model_sort_key))}
 
 
 def probe_curve_series(
@@ -131,13 +121,13 @@ def probe_curve_series(
 
 
 MARKS: dict[str, tuple[dict, str]] = {
-    "significant": (dict(marker="o", markersize=4.5), "differs from base (p < 0.05 / layers)"),
-    "not significant": (dict(marker="o", markersize=4.5, markerfacecolor="white"), "no significant difference"),
-    "base": (dict(marker="D", markersize=3.5), "base model (the reference)"),
-    "not compared": (dict(marker="x", markersize=5, markeredgewidth=1.2), "not compared with the base"),
+    "significant": (dict(markersize=5), "filled: differs from base (p < 0.05 / layers)"),
+    "not significant": (dict(markersize=5, markerfacecolor="white"), "hollow: no significant difference"),
+    "base": (dict(markersize=5, markeredgecolor="black"), "black edge: base model (the reference)"),
+    "not compared": (dict(markersize=3, markerfacecolor="none"), "small, hollow: not compared with the base"),
 }
-"""How every point of our curves is marked: its McNemar flag against the base model, the base model's
-own points, and points without a comparison (the figure or panel title says why)."""
+"""How every point of our curves is filled (its shape is the model's): its McNemar flag against the base
+model, the base model's own points, and points without a comparison (the figure or panel title says why)."""
 
 
 def point_marks(s: CurveSeries, base_model: str | None) -> dict[str, np.ndarray]:
@@ -180,11 +170,12 @@ def draw_probe_curves(
 ) -> Figure:
     """The study's Figures 1-4 for one dataset and pooling group, with this project's additions.
 
-    One panel per N: test accuracy per layer of every model (colour) and method (line style: the trained
-    heads and, dashed, the untrained similarity baselines), each with its Wilson 95% interval as a pale
-    band, the chance level 1/N, the query-blind shortcut's accuracy as a grey level line, every point
-    marked (:data:`MARKS`: filled/hollow for layers that do/do not differ significantly from the base
-    model), and the published curves as wide pale bands under ours. Where no layer is compared with the
+    One panel per N: test accuracy per layer of every method (a colour and line style each: the trained
+    heads and, dashed, the untrained similarity baselines) and model (a marker each), each curve with its
+    Wilson 95% interval as a pale band and broken where layers are missing, the chance level 1/N, the
+    query-blind shortcut's accuracy as a grey level line, every point filled by its mark (:data:`MARKS`:
+    filled/hollow for layers that do/do not differ significantly from the base model), and the published
+    curves as wide pale bands under ours. Where no layer is compared with the
     base model, the title says why. Each drawn line is labelled ``"<model> <probe>"``, its markers
     ``"<model> <probe> <mark>"``, a published band ``"<model> <probe> published"`` and a shortcut level
     ``"<models> shortcut"`` (the legend is built separately).
@@ -198,7 +189,7 @@ def draw_probe_curves(
     panels = sorted({s.num_passages for s in series})
     models = sorted({s.model for s in series}, key=model_sort_key)
     heads = [method for method in METHODS if any(s.probe == method for s in series)]
-    colours = _model_colours(models)
+    markers = _model_markers(models)
     tested = any(s.significant for s in series)
     reasons = panel_reasons(rows, dataset, pooling, base_model)
     shared_reason = not tested and len(set(reasons.values())) == 1
@@ -216,7 +207,7 @@ def draw_probe_curves(
             ax.axhline(accuracy, label=f"{names} shortcut", **SHORTCUT_STYLE)
         for s in series:
             if s.num_passages == num_passages:
-                marks_used |= _draw_series(ax, s, colours[s.model], base_model)
+                marks_used |= _draw_series(ax, s, markers[s.model], base_model)
         title = f"N = {num_passages} passages (chance {1 / num_passages:.2f})"
         if reasons.get(num_passages) and not shared_reason:
             title += f"\nnot compared: {reasons[num_passages]}"
@@ -238,11 +229,12 @@ def draw_probe_curves(
     figure.suptitle(f"Linear probes on {dataset}, {pooling} pooling: test accuracy per layer\n{note}")
 
     model_entries = [
-        (Line2D([], [], color=colours[m], linewidth=2), f"{m} (base)" if m == base_model else m) for m in models
+        (Line2D([], [], color="0.25", marker=markers[m], linestyle="none"), f"{m} (base)" if m == base_model else m)
+        for m in models
     ]
     head_entries = [
         (
-            Line2D([], [], color="0.2", linestyle=METHOD_STYLES[h].linestyle, linewidth=METHOD_STYLES[h].linewidth),
+            Line2D([], [], color=METHOD_STYLES[h].colour, linestyle=METHOD_STYLES[h].linestyle, linewidth=2),
             METHOD_STYLES[h].legend,
         )
         for h in heads
@@ -253,13 +245,16 @@ def draw_probe_curves(
     if any(s.low is not None and np.isfinite(s.low).any() for s in series):
         mark_entries.append((Patch(color="0.5", alpha=0.3, linewidth=0), "95% Wilson interval"))
     mark_entries += [
-        (Line2D([], [], linestyle="none", color="0.2", **style), text)
+        (Line2D([], [], linestyle="none", color="0.3", marker="o", **style), text)
         for mark, (style, text) in MARKS.items()
         if mark in marks_used
     ]
     if any(s.published for s in series):
-        mark_entries.append((Line2D([], [], color="0.5", linewidth=6, alpha=0.35), "published (the study, concat)"))
-    legend_below(figure, [("model (colour)", model_entries), ("method (line)", head_entries), ("marks", mark_entries)])
+        concat = METHOD_STYLES["concat"].colour
+        mark_entries.append((Line2D([], [], color=concat, linewidth=6, alpha=0.35), "published (the study, concat)"))
+    legend_below(
+        figure, [("model (marker)", model_entries), ("method (colour)", head_entries), ("marks", mark_entries)]
+    )
     return figure
 
 
@@ -297,24 +292,28 @@ def with_gaps(layers: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nd
     return full, filled
 
 
-def _draw_series(ax: Axes, s: CurveSeries, colour: tuple, base_model: str | None) -> set[str]:
-    """A published curve as a wide pale band; ours as a line over its interval band, with every point
-    marked. Returns the marks used."""
+def _draw_series(ax: Axes, s: CurveSeries, marker: str, base_model: str | None) -> set[str]:
+    """A published curve as a wide pale band in concat's colour, with the model's marker; ours as a line
+    in the method's colour over its interval band, every point marked with the model's marker, filled
+    by its mark (:data:`MARKS`). Returns the marks used."""
     name = f"{s.model} {s.probe}"
+    style = METHOD_STYLES[s.probe]
+    colour = style.colour
     if s.published:
+        layers, acc = with_gaps(s.layers, s.acc)
         ax.plot(
-            s.layers,
-            s.acc,
+            layers,
+            acc,
             color=colour,
             linewidth=6,
             alpha=0.25,
             solid_capstyle="round",
             zorder=1,
-            marker="o" if len(s.layers) == 1 else None,
+            marker=marker,
+            markersize=7,
             label=f"{name} published",
         )
         return set()
-    style = METHOD_STYLES[s.probe]
     if s.low is not None and s.high is not None and np.isfinite(s.low).any():
         if len(s.layers) == 1:  # a band over one layer has no width: a bar instead
             ax.vlines(s.layers, s.low, s.high, color=colour, alpha=3 * BAND_ALPHA, linewidth=4, zorder=1)
@@ -328,7 +327,9 @@ def _draw_series(ax: Axes, s: CurveSeries, colour: tuple, base_model: str | None
     used = set()
     for mark, where in point_marks(s, base_model).items():
         if where.any():
-            style = {"markeredgecolor": colour, "markerfacecolor": colour, "color": colour, **MARKS[mark][0]}
-            ax.plot(s.layers[where], s.acc[where], linestyle="none", zorder=3, label=f"{name} {mark}", **style)
+            look = {"markeredgecolor": colour, "markerfacecolor": colour, "color": colour, **MARKS[mark][0]}
+            ax.plot(
+                s.layers[where], s.acc[where], linestyle="none", marker=marker, zorder=3, label=f"{name} {mark}", **look
+            )
             used.add(mark)
     return used
