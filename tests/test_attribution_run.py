@@ -176,6 +176,10 @@ def test_attribute_writes_counts_and_provenance(tmp_path, probe_files, tiny_bert
         table = counts[f"per_text/{key}"]
         assert table.shape == (5, 2) and table.dtype == torch.int32
         assert torch.equal(table.sum(dim=0).long(), counts[key].sum(dim=1)), key
+        kind, threshold = key.split("@")
+        active = run.active_sets(kind, float(threshold))  # which neurons, bit-packed by the run
+        assert active.shape == (5, 2, counts[key].shape[1])
+        assert (active.sum(-1) == table.numpy()).all() and (active.sum(0) == counts[key].numpy()).all(), key
     assert summary["published_readings"] == {} and summary["max_length"] == 256
     saved = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
     assert saved["model"]["steps"] == 3

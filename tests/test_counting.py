@@ -17,7 +17,14 @@ from dkacq.attribution.counting import (
     normalize_per_text,
 )
 from dkacq.attribution.targets import Target
-from dkacq.formats.counts import AttributionRun, split_counts_tensors, write_counts, write_summary
+from dkacq.formats.counts import (
+    AttributionRun,
+    active_kind,
+    split_counts_tensors,
+    unpack_active,
+    write_counts,
+    write_summary,
+)
 
 THRESHOLDS = (0.1, 0.2)
 
@@ -233,7 +240,14 @@ def test_per_text_counts_equal_a_naive_loop_in_text_order():
     result = metric.compute()
     expected = naive_per_text(targets, everything, THRESHOLDS)
     assert result.counted.tolist() == [1] * 9 and result.num_texts == 9
-    assert set(result.per_text) == set(expected)
+    assert set(result.per_text) == set(expected) | {(active_kind(kind), threshold) for kind, threshold in expected}
+    for target in targets:  # which neurons, bit-packed: the naive masks
+        for threshold in THRESHOLDS:
+            packed = result.per_text[active_kind(target.kind), threshold][:, target.layer].numpy()
+            scores = everything[target.name]
+            largest = torch.stack([value.amax(dim=1) for value in everything.values()]).amax(dim=0)
+            mask = (scores / largest[:, None] > threshold).numpy()
+            assert (unpack_active(packed, target.num_neurons) == mask).all(), (target.name, threshold)
     for key, table in expected.items():
         assert result.per_text[key].dtype == torch.int32
         assert torch.equal(result.per_text[key], table), key
@@ -295,7 +309,13 @@ def test_counts_file_with_per_text_tables_and_without(tmp_path):
         "per_text/intermediate@0.2",
         "per_text/output@0.1",
         "per_text/output@0.2",
+        "per_text/active:intermediate@0.1",
+        "per_text/active:intermediate@0.2",
+        "per_text/active:output@0.1",
+        "per_text/active:output@0.2",
     }
+    assert stored["per_text/active:intermediate@0.1"].dtype == torch.uint8  # 6 neurons in one byte
+    assert stored["per_text/active:intermediate@0.1"].shape == (4, 3, 1)
     counts, num_texts = split_counts_tensors(stored)
     assert num_texts == 4 and set(counts) == set(result.counts)
     assert set(split_per_text_tensors(stored)) == set(result.per_text)
@@ -304,6 +324,8 @@ def test_counts_file_with_per_text_tables_and_without(tmp_path):
     assert (run.per_text_at("output", 0.2) == result.per_text["output", 0.2].numpy()).all()
     assert (run.per_text_by_key("output", 0.2, ["k2", "k0"]) == result.per_text["output", 0.2].numpy()[[2, 0]]).all()
     assert (plain.counts_at("output", 0.2) == run.counts_at("output", 0.2)).all()
+    assert run.has_active_sets and not plain.has_active_sets
+    assert (run.active_sets("output", 0.2).sum(-1) == result.per_text["output", 0.2].numpy()).all()
     assert not plain.has_per_text and plain.text_keys is None
     with pytest.raises(KeyError, match="no per-text counts"):
         plain.per_text_at("output", 0.2)

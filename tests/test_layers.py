@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "probe": {"data", "encoders", "formats"},
     "attribution": {"data", "encoders", "formats"},
     "compare": {"encoders", "formats"},
-    "report": {"compare", "encoders", "formats", "probe"},
+    "report": {"encoders", "formats", "probe"},
     "commands": {"attribution", "compare", "data", "datamodules", "encoders", "formats", "probe", "report"},
     "cli": {"commands"},
 }

@@ -166,6 +166,13 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
         options.setdefault("model", {}).update({"encoder": {"query": tiny, "passage": tiny}, "steps": 2})
         options.setdefault("data", {}).update({"max_examples": 2, "batch_size": 2})
         options["trainer"] = {"enable_progress_bar": False}
+    for run in study.get("comparisons", []):  # the probes' settings, so their caches are the ones compared
+        for key in ("a", "b"):
+            name = run[key]
+            tiny = _tiny_model(name, tiny_bert_dir, tiny_llama_dir, tmp_path / "models")
+            run[key] = {"encoder": name.removesuffix("-random"), "model": tiny}
+            if name.endswith("-random"):
+                run[key]["random_init"] = True
     path = tmp_path / config.name
     path.write_text(yaml.safe_dump(study))
     main(["sweep", "--config", str(path)])
@@ -194,3 +201,9 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
             retrieval = list(csv.DictReader(file))
         assert len(retrieval) == 2 * len(probes["settings"])  # cosine and dot at layer 2
         assert {row["scope"] for row in retrieval} == {"corpus"}
+    for run in study.get("comparisons", []):
+        assert (tmp_path / "study" / "compare" / run["name"] / "similarity.csv").exists(), run["name"]
+    if study.get("comparisons"):
+        assert "## What changed where" in report and "## Shared neurons" in report
+        caches = {path.parent.name for path in (tmp_path / "cache").rglob("layer_00.safetensors")}
+        assert len(caches) == len(probes["settings"]) + len(paired)  # compare opened the probes' caches, built none

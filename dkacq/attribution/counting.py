@@ -4,8 +4,8 @@ Per text, every score (all modules, all layers) is divided by the text's largest
 active in a text when its normalised score exceeds a threshold. Over a set of texts, the study
 reports per neuron the percentage of texts in which it is active (``count / num_texts * 100``), shown
 as one heatmap per side (layers x neuron bins). Beside these totals the metric keeps, per text and
-module, how many of the module's neurons were active (a texts x layers table per kind and threshold):
-what intervals over texts and paired comparisons of two runs need
+module, how many of the module's neurons were active (a texts x layers table per kind and threshold),
+and which (bit-packed): what intervals over texts, paired comparisons of two runs and neuron overlap need
 (:mod:`dkacq.report.attribution_stats`). The counts are stored as :mod:`dkacq.formats.counts` lays
 them out.
 """
@@ -18,7 +18,7 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from dkacq.attribution.targets import Target
-from dkacq.formats.counts import counts_tensors, split_counts_tensors
+from dkacq.formats.counts import active_kind, counts_tensors, pack_active, split_counts_tensors
 
 
 def check_thresholds(thresholds: Sequence[float]) -> tuple[float, ...]:
@@ -64,7 +64,9 @@ class ActiveCounts:
     per_text: dict[tuple[str, float], Tensor] | None = None
     """``(kind, threshold)`` -> int32 ``[text_capacity, num_layers]``: row ``i``, the text at position ``i``
     of the text set, holds how many neurons of each layer's module were active in it (zeros for a text
-    not counted); None when the metric keeps no per-text table."""
+    not counted); and ``(active_kind(kind), threshold)`` -> uint8 ``[text_capacity, num_layers, bytes]``,
+    which of them, bit-packed (:func:`dkacq.formats.counts.pack_active`). None when the metric keeps no
+    per-text table."""
     counted: Tensor | None = None
     """int32 ``[text_capacity]``: how often the text at each position was counted (0 or 1)."""
 
@@ -94,8 +96,10 @@ class ActiveNeuronCounts(Metric):
 
     With ``text_capacity`` (the size of the text set) it also keeps ``per_text_{kind}_{i}`` (int32
     ``[text_capacity, num_layers]``), whose row ``p`` the text at position ``p`` of the text set fills,
-    and ``counted`` (int32 ``[text_capacity]``). Every process writes only its own texts' rows, so the sum
-    across processes is the whole table in text order, whatever texts each process got.
+    ``per_text_active_{kind}_{i}`` (uint8 ``[text_capacity, num_layers, ceil(num_neurons / 8)]``: the
+    active neurons bit-packed) and ``counted`` (int32 ``[text_capacity]``). Every process writes only its
+    own texts' rows, so the sum across processes is the whole table in text order, whatever texts each
+    process got (the packed bytes of a row come from one process, so their sum is that process's bytes).
     """
 
     full_state_update = False
@@ -132,6 +136,11 @@ class ActiveNeuronCounts(Metric):
                         torch.zeros(text_capacity, shape[0], dtype=torch.int32),
                         dist_reduce_fx="sum",
                     )
+                    self.add_state(
+                        self._active_name(kind, index),
+                        torch.zeros(text_capacity, shape[0], -(-shape[1] // 8), dtype=torch.uint8),
+                        dist_reduce_fx="sum",
+                    )
         self.add_state("num_texts", torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
         if text_capacity is not None:
             self.add_state("counted", torch.zeros(text_capacity, dtype=torch.int32), dist_reduce_fx="sum")
@@ -143,6 +152,10 @@ class ActiveNeuronCounts(Metric):
     @staticmethod
     def _per_text_name(kind: str, threshold_index: int) -> str:
         return f"per_text_{kind}_{threshold_index}"
+
+    @staticmethod
+    def _active_name(kind: str, threshold_index: int) -> str:
+        return f"per_text_active_{kind}_{threshold_index}"
 
     def update(self, scores: Mapping[str, Tensor], positions: Sequence[int] | Tensor | None = None) -> None:
         """Count one batch; ``positions`` (with ``text_capacity``) are the texts' positions in the text set,
@@ -172,6 +185,8 @@ class ActiveNeuronCounts(Metric):
                     table = getattr(self, self._per_text_name(kind, index))
                     values = active.sum(dim=1).to(table.device, torch.int32)
                     table.index_put_((rows, torch.full_like(rows, layer)), values, accumulate=True)
+                    bits = getattr(self, self._active_name(kind, index))
+                    bits[rows, layer] = pack_active(active).to(bits.device)
         self.num_texts += batch
 
     def local(self) -> ActiveCounts:
@@ -190,6 +205,9 @@ class ActiveNeuronCounts(Metric):
             return ActiveCounts(counts, int(self.num_texts))
         per_text = {
             (kind, threshold): getattr(self, self._per_text_name(kind, index)).clone()
+            for kind, index, threshold in keys
+        } | {
+            (active_kind(kind), threshold): getattr(self, self._active_name(kind, index)).to(torch.uint8, copy=True)
             for kind, index, threshold in keys
         }
         return ActiveCounts(counts, int(self.num_texts), per_text, self.counted.clone())

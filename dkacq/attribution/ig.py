@@ -2,7 +2,8 @@
 
 The published algorithm, for one text and one target module with weight ``W`` ``[out, in]`` and bias
 ``b``: scale ``W`` and ``b`` together by ``alpha`` (everything else fixed), let ``F`` be the L2 norm of
-the text's pooled final representation (before any normalisation), and take
+the text's pooled final representation (before any normalisation; or another function of it, the
+retrieval score among them: :mod:`dkacq.attribution.objectives`), and take
 
     A = W * sum_k w_k dF/dW'  at W' = alpha_k W          (elementwise product)
     s_i = sum_j |A_ij|                                    (score of neuron i, a row of W)
@@ -82,6 +83,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from dkacq.attribution.objectives import ObjectiveFunction, pooled_norm
 from dkacq.attribution.targets import ArchitectureFamily, Target, architecture_family
 from dkacq.encoders.text_encoder import TextEncoder
 
@@ -136,6 +138,7 @@ def neuron_scores(
     steps: int = 20,
     replicas_per_pass: int | None = None,
     compile: bool | str = False,
+    objective: ObjectiveFunction = pooled_norm,
 ) -> dict[str, Tensor]:
     """Target name -> neuron scores ``[num_texts, num_neurons]`` of a batch of texts, for all targets.
 
@@ -145,7 +148,7 @@ def neuron_scores(
     return {
         target.name: attribution.neuron_scores()
         for target, attribution in path_attributions(
-            encoder, batch, targets, rule, steps, replicas_per_pass, compile=compile
+            encoder, batch, targets, rule, steps, replicas_per_pass, compile=compile, objective=objective
         )
     }
 
@@ -158,6 +161,7 @@ def path_attributions(
     steps: int = 20,
     replicas_per_pass: int | None = None,
     compile: bool | str = False,
+    objective: ObjectiveFunction = pooled_norm,
 ) -> Iterator[tuple[Target, PathAttribution]]:
     """Signed attributions of every target's weight and bias, one target at a time, in ``targets`` order.
 
@@ -172,6 +176,9 @@ def path_attributions(
     backend; a string: that backend, e.g. ``"aot_eager"``): the same numbers up to the compiler's
     rounding, faster on GPUs once compiled (see "Compiled passes" in the module docstring). The first
     passes of each layer shape and dtype pay the compilation.
+
+    ``objective`` is F, from each replica row's pooled vector and its text's row in ``batch``
+    (:mod:`dkacq.attribution.objectives`); by default the norm of the pooled vector, as the study.
     """
     alphas, weights = alphas_and_weights(rule, steps)
     if replicas_per_pass is not None and replicas_per_pass < 1:
@@ -195,7 +202,7 @@ def path_attributions(
         replica_pass = compiled.replica_pass
     try:
         yield from _target_attributions(
-            encoder, blocks, final, groups, targets, alphas, weights, step_chunks, num_texts, replica_pass
+            encoder, blocks, final, groups, targets, alphas, weights, step_chunks, num_texts, replica_pass, objective
         )
     finally:
         if compiled is not None:
@@ -203,7 +210,7 @@ def path_attributions(
 
 
 def _target_attributions(
-    encoder, blocks, final, groups, targets, alphas, weights, step_chunks, num_texts, replica_pass
+    encoder, blocks, final, groups, targets, alphas, weights, step_chunks, num_texts, replica_pass, objective
 ) -> Iterator[tuple[Target, PathAttribution]]:
     """The attributions of :func:`path_attributions`, one target at a time, with ``replica_pass``'s gradients."""
     accumulate, device = weights.dtype, weights.device
@@ -216,7 +223,9 @@ def _target_attributions(
         for group in groups:
             gradient_sum = 0
             for step_indices in step_chunks:
-                gradients, module_input = replica_pass(encoder, blocks, final, group, target, alphas[step_indices])
+                gradients, module_input = replica_pass(
+                    encoder, blocks, final, group, target, alphas[step_indices], objective
+                )
                 gradient_sum = gradient_sum + torch.tensordot(weights[step_indices], gradients.to(accumulate), dims=1)
             weight_gradient[group.texts] = gradient_sum.transpose(1, 2) @ module_input.to(accumulate)
             bias_gradient[group.texts] = gradient_sum.sum(dim=1)
@@ -355,6 +364,7 @@ def _replica_pass(
     group: _TextGroup,
     target: Target,
     alphas: Tensor,
+    objective: ObjectiveFunction = pooled_norm,
 ) -> tuple[Tensor, Tensor]:
     """``g_k = dF_k/dY'_k`` ``[len(alphas), texts, tokens, out]`` and the module's input ``X``
     ``[texts, tokens, in]`` for the texts of ``group``.
@@ -385,8 +395,8 @@ def _replica_pass(
             for index in range(target.layer + 1, len(blocks)):
                 hidden = group.block_calls[index].run_on_rows(blocks[index], hidden, rows, memo)
             pooled = encoder.pool(final(hidden), group.attention_mask.index_select(0, rows))
-            norms = pooled.to(accumulation_dtype(pooled.dtype)).norm(dim=-1)
-            (gradients,) = torch.autograd.grad(norms.sum(), captured["output"])
+            values = objective(pooled.to(accumulation_dtype(pooled.dtype)), group.texts.index_select(0, rows))
+            (gradients,) = torch.autograd.grad(values.sum(), captured["output"])
     finally:
         handle.remove()
     return gradients, captured["input"]
@@ -483,6 +493,7 @@ class _CompiledPasses:
         group: _TextGroup,
         target: Target,
         alphas: Tensor,
+        objective: ObjectiveFunction = pooled_norm,
     ) -> tuple[Tensor, Tensor]:
         """:func:`_replica_pass`, compiled."""
         call = group.block_calls[target.layer]
@@ -511,8 +522,8 @@ class _CompiledPasses:
                     kwargs = {key: _select_rows(v, rows, len(call.hidden), memo) for key, v in upper.kwargs.items()}
                     hidden = self.run_block(blocks[index], hidden, args, kwargs)
                 pooled = encoder.pool(final(hidden), group.attention_mask.index_select(0, rows))
-                norms = pooled.to(accumulation_dtype(pooled.dtype)).norm(dim=-1)
-                (gradients,) = torch.autograd.grad(norms.sum(), probe)
+                values = objective(pooled.to(accumulation_dtype(pooled.dtype)), group.texts.index_select(0, rows))
+                (gradients,) = torch.autograd.grad(values.sum(), probe)
         finally:
             hook.alphas = hook.probe = hook.input = None
         return gradients, module_input.detach()

@@ -12,6 +12,7 @@ from torch import nn
 from dkacq.attribution import compile_check
 from dkacq.attribution.counting import ActiveNeuronCounts, check_thresholds
 from dkacq.attribution.ig import PathRule, neuron_scores
+from dkacq.attribution.objectives import Objective, Partners, Similarity, check_objective, objective_function
 from dkacq.attribution.passes import GIB, PassMemory, PassPlanner, ReplicasSetting
 from dkacq.attribution.targets import Target, find_targets
 from dkacq.data.examples import TextSide
@@ -104,6 +105,8 @@ class AttributionModule(LightningModule):
         unmasked_mean: bool = False,
         cls_pooler: bool = False,
         auto: AutoEncoder | None = None,
+        target: Objective = "norm",
+        similarity: Similarity | None = None,
     ):
         """
         Args:
@@ -147,6 +150,14 @@ class AttributionModule(LightningModule):
                 ``tanh(dense(CLS))`` for BERT checkpoints with a pooler (bert-base-uncased), the CLS
                 vector itself for DPR's encoders; dkacq reads the CLS hidden state.
 
+            target: what IG explains (:mod:`dkacq.attribution.objectives`): ``norm`` of the pooled final
+                vector (the study), ``relevance`` (the score of the text against the other side of its
+                example, held fixed: a query's positive passage, a passage's query) or ``margin`` (query
+                texts: the positive's score minus the mean score of the example's negatives, all held
+                fixed). The attributed encoder is the text side's.
+            similarity: the score of ``relevance`` and ``margin``: ``dot``, or ``cosine``; default cosine
+                for encoders that normalise their vectors (``encoder.normalize``), dot otherwise.
+
         ``eos_reference`` pooling reproduces the published attribution script's input (``"</s>"`` appended
         without a space, padding to the longest text of the batch; see
         :class:`~dkacq.encoders.text_encoder.TextEncoder`).
@@ -165,11 +176,14 @@ class AttributionModule(LightningModule):
             raise ValueError(f"cls_pooler is the published CLS reading; the encoder pools by {encoder.pooling}")
         if cls_pooler and encoder.random_init:
             raise ValueError("cls_pooler reads a checkpoint's pooler; a random-init control has none")
+        check_objective(target, text_side)
         self.save_hyperparameters()
         self.preset = encoder
         self.kinds = list(kinds or encoder.attribution_kinds) or None  # None: the architecture family's own
         self.thresholds = list(check_thresholds(thresholds or encoder.attribution_thresholds))
         self.text_encoder: TextEncoder | None = None
+        self.partner_encoder: TextEncoder | None = None
+        """The other side's encoder, for the vectors that ``relevance`` and ``margin`` hold fixed."""
         self.targets: list[Target] = []
         self.counts: ActiveNeuronCounts | None = None
         self.run_identity: dict | None = None
@@ -199,6 +213,16 @@ class AttributionModule(LightningModule):
             self.preset.query_max_length if self.hparams.text_side == "query" else self.preset.passage_max_length
         )
         return min(side_length, STUDY_MAX_LENGTH)
+
+    @property
+    def similarity(self) -> Similarity:
+        """The score of the ``relevance`` and ``margin`` targets: as given, else as the encoder is used."""
+        return self.hparams.similarity or ("cosine" if self.preset.normalize else "dot")
+
+    def objective(self) -> dict:
+        """The target and, where it scores, its similarity (part of the identity unless it is ``norm``)."""
+        target = self.hparams.target
+        return {"target": target} if target == "norm" else {"target": target, "similarity": self.similarity}
 
     def published_readings(self) -> dict:
         """The published code's readings this run reproduces (empty for dkacq's own)."""
@@ -231,6 +255,7 @@ class AttributionModule(LightningModule):
                 "max_length": self.max_length,
                 "precision": precision,
                 **({"published_readings": readings} if readings else {}),
+                **({"objective": self.objective()} if self.hparams.target != "norm" else {}),
             }
         )
 
@@ -272,7 +297,7 @@ class AttributionModule(LightningModule):
     def configure_model(self) -> None:
         if self.text_encoder is not None:
             return
-        self.text_encoder = self.build_encoder(self.weights_dtype(str(self.trainer.precision)))
+        self.text_encoder, self.partner_encoder = self.build_encoder(self.weights_dtype(str(self.trainer.precision)))
         self.targets = find_targets(self.text_encoder.transformer, self.kinds)
         self.counts = ActiveNeuronCounts(self.targets, self.thresholds, text_capacity=len(self.text_order) or None)
 
@@ -294,21 +319,46 @@ class AttributionModule(LightningModule):
             setting, self.hparams.steps, memory, self.device, None if limit is None else int(limit * GIB)
         )
 
-    def build_encoder(self, dtype: torch.dtype = torch.float32) -> TextEncoder:
+    def build_encoder(self, dtype: torch.dtype = torch.float32) -> tuple[TextEncoder, TextEncoder | None]:
         """The text side's encoder as this run reads it: its token limit, and the published readings the
-        options ask for (``eos_reference`` with the attribution script's input)."""
+        options ask for (``eos_reference`` with the attribution script's input); and the other side's,
+        for a target that scores against it (None for ``norm``)."""
         query, passage = load_encoders(self.preset, dtype=dtype)
-        encoder = query if self.hparams.text_side == "query" else passage
+        encoder, partner = (query, passage) if self.hparams.text_side == "query" else (passage, query)
         encoder.max_length = self.max_length
         encoder.eos_reference_input = "attribution"
         encoder.unmasked_mean = bool(self.hparams.unmasked_mean)
         if self.hparams.cls_pooler:
             encoder.pooler = published_pooler(self.source, dtype)
-        return encoder
+        if self.hparams.target == "norm":
+            return encoder, None
+        partner.max_length = min(partner.max_length, STUDY_MAX_LENGTH)
+        return encoder, partner.eval().requires_grad_(False)
+
+    def partners(self, texts: list[str]) -> Partners:
+        """The fixed vectors of each text's example under the unscaled model: its partner's, and for
+        ``margin`` its negatives' (pooled last hidden states, unnormalised; the target normalises them
+        for cosine)."""
+        positives, negatives = self.trainer.datamodule.partners(texts)
+
+        def vectors(encoder: TextEncoder, items: list[str]) -> torch.Tensor:
+            batch = {key: value.to(self.device) for key, value in encoder.tokenize(items).items()}
+            with torch.no_grad():
+                hidden = encoder.transformer(**batch).last_hidden_state
+                return encoder.pool(hidden, batch["attention_mask"]).float()
+
+        positive = vectors(self.partner_encoder, positives)
+        if self.hparams.target != "margin":  # margin: query texts (check_objective), negatives of the partner side
+            return Partners(positive)
+        drawn = vectors(self.partner_encoder, sum(negatives, []))
+        return Partners(positive, drawn.view(len(texts), -1, drawn.shape[-1]))
 
     def predict_step(self, texts: list[str], batch_idx: int) -> int:
         """Score a batch of texts and count its active neurons; returns the number of texts."""
         batch = {key: value.to(self.device) for key, value in self.text_encoder.tokenize(texts).items()}
+        objective = objective_function(
+            self.hparams.target, self.similarity, self.partners(texts) if self.hparams.target != "norm" else None
+        )
 
         def score(replicas_per_pass: int, compile: bool | str) -> dict:
             with torch.enable_grad():
@@ -320,6 +370,7 @@ class AttributionModule(LightningModule):
                     self.hparams.steps,
                     replicas_per_pass,
                     compile=compile,
+                    objective=objective,
                 )
 
         def checked_score(replicas_per_pass: int) -> dict:
@@ -380,7 +431,8 @@ class AttributionModule(LightningModule):
         if self.hparams.output_dir:
             return Path(self.hparams.output_dir)
         dataset = data.hparams.dataset if data is not None else "texts"
-        return Path("runs/attribution") / f"{dataset}-{self.preset.name}-{self.hparams.text_side}"
+        target = "" if self.hparams.target == "norm" else f"-{self.hparams.target}"
+        return Path("runs/attribution") / f"{dataset}-{self.preset.name}-{self.hparams.text_side}{target}"
 
     @property
     def output_path(self) -> Path:
@@ -441,6 +493,7 @@ class AttributionModule(LightningModule):
             "data": data_hparams,
             "split": data_hparams.get("split"),
             "text_side": self.hparams.text_side,
+            **self.objective(),
             "alpha_rule": self.hparams.alpha_rule,
             "steps": self.hparams.steps,
             "thresholds": self.thresholds,

@@ -22,6 +22,7 @@ def report(
     base_models: dict[str, str] | None = None,
     published_overlay: bool = True,
     format: Literal["png", "pdf", "svg"] = "png",
+    comparisons: Path | list[Path] | None = None,
 ) -> Path:
     """Write the figures and ``report.md`` into ``out_dir``; print the report's path.
 
@@ -33,8 +34,12 @@ def report(
             McNemar's test (default: bert-base-uncased for cls and mean, llama for eos).
         published_overlay: draw the study's published curves beside yours.
         format: file format of every figure: png, or pdf or svg for vector figures (papers).
+        comparisons: the output folder of a ``dkacq compare`` run, or a list of them: the section "What
+            changed where" for each pair.
     """
-    path = write_report(_paths(results), _paths(attributions), out_dir, base_models, published_overlay, format)
+    path = write_report(
+        _paths(results), _paths(attributions), out_dir, base_models, published_overlay, format, _paths(comparisons)
+    )
     print(path)
     return path
 

@@ -16,6 +16,7 @@ import yaml
 from jsonargparse import auto_cli
 
 from dkacq.commands import attribute, output, probe
+from dkacq.commands.compare import CACHE_OPTIONS, compare, setting
 from dkacq.commands.report import report
 from dkacq.datamodules.texts import TextDataModule
 from dkacq.encoders.model_files import AutoEncoder
@@ -57,6 +58,20 @@ class AttributionRun:
     (into ``<name>-backbone``), read with the model's settings and labelled ``<backbone>@<label>``."""
 
 
+@dataclass
+class ComparisonRun:
+    """One ``dkacq compare`` run: two models' cached vectors of the study's data, layer by layer."""
+
+    a: str | dict
+    """The fine-tuned model: a preset name, or ``data`` options (``{encoder: minilm, pooling: cls}``)."""
+    b: str | dict
+    """Its backbone or random-init control (``minilm-random``), the same way."""
+    name: str
+    """Its output folder's name under ``<run_dir>/compare``."""
+    options: dict = field(default_factory=dict)
+    """Further ``dkacq compare`` options (``layer_pairs``, ``sides``, ``device``, ...)."""
+
+
 def merged(base: dict, *overrides: dict) -> dict:
     """``base`` with each override's keys set, nested mappings merged key by key."""
     result = dict(base)
@@ -85,6 +100,16 @@ def probe_configs(run_dir: Path, data: dict, probes: ProbeGrid | None) -> list[d
         for setting in probes.settings
         for num_passages in probes.num_passages
     ]
+
+
+def probe_data(probes: ProbeGrid | None) -> dict:
+    """The ``data`` options of the probe grid (its base config's, then its ``options``') that are not a
+    model's: with the study's ``data``, what makes ``dkacq compare`` open the caches the probes built."""
+    if probes is None:
+        return {}
+    base = yaml.safe_load(Path(probes.config).read_text()) or {}
+    options = merged(base.get("data") or {}, probes.options.get("data") or {})
+    return {key: value for key, value in options.items() if key not in CACHE_OPTIONS}
 
 
 def attribution_configs(run_dir: Path, data: dict, attributions: list[AttributionRun]) -> list[dict]:
@@ -136,6 +161,7 @@ def sweep(
     attributions: list[AttributionRun] | None = None,
     base_models: dict[str, str] | None = None,
     published_overlay: bool = True,
+    comparisons: list[ComparisonRun] | None = None,
 ) -> Path:
     """Check every probe cell and attribution run, run those not done yet, then write the report.
 
@@ -151,22 +177,36 @@ def sweep(
         attributions: the attribution runs.
         base_models: pooling -> base model for the report's significance tests.
         published_overlay: draw the study's published curves beside yours.
+        comparisons: pairs of models compared layer by layer (``dkacq compare``, on the probes' caches,
+            with the probes' ``data`` options), after the probes; the report's "What changed where".
     """
     probe_clis, attribution_clis = study_clis(run_dir, data, probes, attributions)
     check_one_setting_per_cell([cell for cli in probe_clis for cell in cli.plan() + baseline_cells(cli.datamodule)])
     pending = [cli for cli in attribution_clis if not cli.finished()]
     for cli in pending:
         cli.check_memory()
+    for run in comparisons or []:
+        setting(run.a), setting(run.b)
     output.checked()
 
     for clis in sharing_a_cache(probe_clis):
         probe.fit_settings(clis)
     for cli in pending:
         cli.run_attribution()
+    shared = merged(probe_data(probes), data or {})
+    comparison_dirs = [
+        compare(run.a, run.b, **merged({"data": shared, "out_dir": run_dir / "compare" / run.name}, run.options))
+        for run in comparisons or []
+    ]
     results = run_dir / "probe" / "results.csv"
     attribution_dirs = [Path(cli.model.hparams.output_dir) for cli in attribution_clis]  # backbones' included
     return report(
-        [results] if results.exists() else [], attribution_dirs, run_dir / "report", base_models, published_overlay
+        [results] if results.exists() else [],
+        attribution_dirs,
+        run_dir / "report",
+        base_models,
+        published_overlay,
+        comparisons=comparison_dirs,
     )
 
 

@@ -8,7 +8,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from dkacq.data.collection import CollectionOptions, collection_options
-from dkacq.data.examples import TEXT_COLUMNS, TextSide
+from dkacq.data.examples import EXAMPLE_COLUMNS, TEXT_COLUMNS, TextSide
 from dkacq.data.mining import NegativeSource
 from dkacq.data.storage import ProbeSource, check_dataset_name, stored_probe_set
 from dkacq.formats.counts import text_key
@@ -69,6 +69,7 @@ class TextDataModule(LightningDataModule):
         self.save_hyperparameters()
         self.texts: list[str] = []
         self.remaining: list[str] = []
+        self.examples: dict[str, tuple[str, list[str]]] = {}
 
     def prepare_data(self) -> None:
         self._probe_set()
@@ -90,17 +91,29 @@ class TextDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         probe_set, _ = self._probe_set()
-        column = list(probe_set[self.hparams.split][TEXT_COLUMNS[self.hparams.text_side]])
+        split = probe_set[self.hparams.split]
+        column = list(split[TEXT_COLUMNS[self.hparams.text_side]])
         limit = self.hparams.max_examples
         if self.hparams.get("max_examples_of", "texts") == "rows":
             self.texts = list(dict.fromkeys(column[:limit]))
         else:
             self.texts = list(dict.fromkeys(column))[:limit]
         self.remaining = self.texts
+        partner = TEXT_COLUMNS["passage" if self.hparams.text_side == "query" else "query"]
+        negatives = list(zip(*(split[column] for column in EXAMPLE_COLUMNS[2:])))
+        self.examples = {}
+        for text, other, drawn in zip(column, split[partner], negatives):
+            self.examples.setdefault(text, (other, list(drawn)))
         if not self.texts:
             raise ValueError(
                 f"no {self.hparams.text_side} texts in the {self.hparams.split} split of {self.hparams.dataset}"
             )
+
+    def partners(self, texts: list[str]) -> tuple[list[str], list[list[str]]]:
+        """For each text, the other side of the first example it is in (a query's positive passage, a
+        positive passage's query) and that example's negative passages: what the ``relevance`` and
+        ``margin`` attribution targets score the text against."""
+        return [self.examples[text][0] for text in texts], [self.examples[text][1] for text in texts]
 
     def exclude(self, keys: set[str]) -> None:
         """Leave out the texts whose :func:`~dkacq.formats.counts.text_key` is in ``keys`` (counted

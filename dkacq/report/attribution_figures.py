@@ -42,7 +42,8 @@ def _binned(run: AttributionRun, kind: str, threshold: float) -> np.ndarray:
 def run_title(run: AttributionRun) -> str:
     """The model, pooling and texts of a run, as figure titles and the report name it."""
     texts = {"query": "queries", "passage": "passages"}.get(run.text_side, f"{run.text_side} texts")
-    return f"{run.model} ({run.pooling}, {run.dataset} {run.split} {texts})"
+    target = "" if run.target == "norm" else f", target {run.target}"
+    return f"{run.model} ({run.pooling}, {run.dataset} {run.split} {texts}{target})"
 
 
 def _kind_title(run: AttributionRun, kind: str) -> str:
@@ -201,3 +202,34 @@ def plot_active_fraction_vs_threshold(
 ) -> Path:
     """:func:`draw_active_fraction_vs_threshold` saved to ``out_path`` as PNG, PDF or SVG (default: its suffix)."""
     return save_figure(draw_active_fraction_vs_threshold(run_dirs), out_path, figure_format)
+
+
+def draw_neuron_overlap(rows: Sequence, title: str) -> Figure:
+    """Jaccard overlap per layer (:class:`dkacq.report.neuron_overlap.OverlapRow`), one panel per module
+    kind: per text (mean) and of the frequent sets, each with its bootstrap band, and, dashed, the level
+    two random sets of the same sizes would reach."""
+    kinds = list(dict.fromkeys(row.kind for row in rows))
+    figure = Figure(figsize=(5.2 * len(kinds), 4.4), layout="constrained")
+    entries = []
+    for ax, kind in zip(figure.subplots(1, len(kinds), squeeze=False)[0], kinds):
+        of_kind = sorted((row for row in rows if row.kind == kind), key=lambda row: row.layer)
+        layers = [row.layer for row in of_kind]
+        for measure, colour, label in (
+            ("per_text", "tab:blue", "per text (mean)"),
+            ("frequent", "tab:orange", "frequent sets"),
+        ):
+            values = [getattr(row.overlap, measure) for row in of_kind]
+            (line,) = ax.plot(layers, [v.value for v in values], color=colour, marker="o")
+            ax.fill_between(layers, [v.low for v in values], [v.high for v in values], color=colour, alpha=0.15)
+            (chance,) = ax.plot(layers, [v.random for v in values], color=colour, linestyle="--", linewidth=1)
+            if ax is figure.axes[0]:
+                entries += [(line, label), (chance, f"{label}: random sets of the same sizes")]
+        ax.set_ylim(0, 1.02)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("layer")
+        ax.set_ylabel("Jaccard overlap")
+        ax.set_title(kind)
+        ax.grid(alpha=0.3)
+    figure.suptitle(title)
+    legend_below(figure, [("overlap", entries)])
+    return figure

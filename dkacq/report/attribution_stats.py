@@ -9,8 +9,9 @@ over the same texts (a fine-tuned model and its backbone, text by text).
 module, how many of the module's neurons were active (:mod:`dkacq.formats.counts`): enough for
 intervals of a module's (or a side's) active share and for paired per-text tests, at texts x layers
 numbers per kind and threshold. Per-text activity of single neurons (texts x every neuron, 46,080 per
-BERT text and 483,328 per Llama-2-7B text, per threshold) is not kept, and is not needed for what the
-report shows of single neurons: a neuron's percentage is the mean of its 0/1 activity over the texts,
+BERT text and 483,328 per Llama-2-7B text, per threshold) is kept bit-packed for the neuron overlap of
+two runs (:mod:`dkacq.report.neuron_overlap`), and is not needed for what the report shows of single
+neurons: a neuron's percentage is the mean of its 0/1 activity over the texts,
 and the bootstrap distribution of such a mean is exactly ``Binomial(n, k/n) / n`` for a neuron active in
 ``k`` of ``n`` texts, so its percentile interval follows from ``k`` and ``n`` alone
 (:func:`neuron_percentage_intervals`). Only joint statistics over several neurons (the largest
@@ -341,9 +342,9 @@ def compare_runs(
 
 def comparable_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
     """``(model run, base run)`` index pairs on the same texts and pooling: a fine-tuned model and its
-    backbone, or a model and its random-init control, on the same data set, split, text side and pooling.
-    Their difference is what fine-tuning, or training at all, changed."""
-    same = ("dataset", "split", "text_side", "pooling")
+    backbone, or a model and its random-init control, on the same data set, split, text side, pooling and
+    attribution target. Their difference is what fine-tuning, or training at all, changed."""
+    same = ("dataset", "split", "text_side", "pooling", "target")
     labels = {run.model for run in runs}
     return [
         (i, j)
@@ -431,12 +432,12 @@ def check_claims(
     seed: int = DEFAULT_SEED,
 ) -> list[ClaimCheck]:
     """A row per claim, pair of runs (the claim's model and base model on the same data set, split, text
-    side and pooling, both with per-text counts) and threshold both runs recorded; none where a run is
-    missing."""
+    side and pooling, both with per-text counts and the study's target, ``norm``) and threshold both runs
+    recorded; none where a run is missing."""
     rows = []
-    same = ("dataset", "split", "text_side", "pooling")
+    same = ("dataset", "split", "text_side", "pooling", "target")
     for claim in claims:
-        for run in (r for r in runs if r.model == claim.model and r.has_per_text):
+        for run in (r for r in runs if r.model == claim.model and r.has_per_text and r.target == "norm"):
             for base in runs:
                 if not (
                     base.model == claim.base_model

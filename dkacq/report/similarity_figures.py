@@ -1,5 +1,6 @@
-"""Figures of a ``dkacq compare`` run: the layer x layer CKA heatmaps and the CKA diagonal; every run
-read through :class:`dkacq.formats.similarity.Comparison`."""
+"""Figures of a ``dkacq compare`` run: the layer x layer CKA heatmaps and the CKA diagonal, every run
+read through :class:`dkacq.formats.similarity.Comparison`; and the report's "what changed where" figure,
+the CKA diagonal beside the probe and attribution changes per layer."""
 
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from matplotlib.ticker import MaxNLocator
 
 from dkacq.formats.similarity import Comparison
 from dkacq.report.plotting import save_figure
+from dkacq.report.what_changed import ChangedWhere
 
 MEASURES = {"cka": "linear CKA", "debiased_cka": "debiased CKA"}
 
@@ -109,3 +111,63 @@ def plot_comparison(comparison: Comparison, out_dir: Path, figure_format: str = 
         save_figure(draw_cka_heatmaps(comparison), heatmap, figure_format),
         save_figure(draw_cka_diagonal(comparison), diagonal, figure_format),
     )
+
+
+def draw_what_changed(changed: ChangedWhere) -> Figure:
+    """Per hidden state, on one figure: the CKA diagonal of the pair (top), both models' probe accuracy
+    with Wilson bands (middle), and the change of the attributed active share with its paired bootstrap
+    interval, drawn at the hidden state the modules feed (bottom)."""
+    a, b = changed.models
+    panels = 1 + bool(changed.head) + bool(changed.shares)
+    figure = Figure(figsize=(6.8, 2.7 * panels + 0.8), layout="constrained")
+    axes = list(figure.subplots(panels, 1, sharex=True, squeeze=False)[:, 0])
+    ax = axes.pop(0)
+    for (side, rows), colour in zip(changed.diagonals.items(), ("tab:blue", "tab:orange")):
+        layers = [row.layer_a for row in rows]
+        ax.plot(layers, [row.cka for row in rows], color=colour, marker="o", label=f"{side}: linear CKA")
+        ax.plot(layers, [row.debiased_cka for row in rows], color=colour, linestyle="--", label=f"{side}: debiased")
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.02)
+    ax.set_ylabel(f"CKA, {a} vs {b}")
+    ax.legend(fontsize=7)
+    if changed.head:
+        ax = axes.pop(0)
+        for model, colour in zip((a, b), ("tab:green", "tab:gray")):
+            rows = changed.probe[model]
+            layers = [row.layer for row in rows]
+            ax.plot(layers, [row.test_acc for row in rows], color=colour, marker="o", label=model)
+            if all(row.test_acc_low is not None for row in rows):
+                ax.fill_between(
+                    layers,
+                    [row.test_acc_low for row in rows],
+                    [row.test_acc_high for row in rows],
+                    color=colour,
+                    alpha=0.15,
+                )
+        ax.axhline(1 / changed.num_passages, color="0.3", linestyle=":", linewidth=1, label="chance")
+        ax.set_ylabel(f"{changed.head} acc (N = {changed.num_passages})")
+        ax.legend(fontsize=7)
+    if changed.shares:
+        ax = axes.pop(0)
+        for kind, colour in zip(
+            dict.fromkeys(row.kind for row in changed.shares), ("tab:red", "tab:purple", "tab:brown")
+        ):
+            rows = [row for row in changed.shares if row.kind == kind]
+            layers = [row.layer + 1 for row in rows]
+            ax.errorbar(
+                layers,
+                [row.change for row in rows],
+                yerr=[[row.change - row.change_low for row in rows], [row.change_high - row.change for row in rows]],
+                color=colour,
+                marker="o",
+                capsize=3,
+                label=f"{kind} ({rows[0].text_side} texts)",
+            )
+        ax.axhline(0, color="0.3", linewidth=0.8)
+        ax.set_ylabel("active share change (points)")
+        ax.legend(fontsize=7)
+    for ax in figure.axes:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.axes[-1].set_xlabel("hidden state (0: embeddings)")
+    figure.suptitle(f"What changed where: {a} against {b}")
+    return figure

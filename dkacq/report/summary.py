@@ -10,18 +10,22 @@ from pathlib import Path
 from dkacq.encoders.presets import backbone_of, base_model_for, comparison, control_label, model_sort_key
 from dkacq.formats.atomic import atomic_write
 from dkacq.formats.counts import SIDES, AttributionRun
+from dkacq.formats.similarity import Comparison
 from dkacq.probe.baselines import METHODS, SHORTCUT
 from dkacq.probe.heads import HEADS
 from dkacq.report.attribution_figures import (
+    draw_neuron_overlap,
     plot_active_fraction_vs_threshold,
     plot_attribution_comparison,
     plot_attribution_heatmaps,
     run_title,
 )
 from dkacq.report.attribution_stats import claim_table, comparable_pairs, module_share_table, share_change_table
-from dkacq.report.plotting import FIGURE_FORMATS
+from dkacq.report.neuron_overlap import DEFAULT_SHARE, overlap_pairs, run_overlaps
+from dkacq.report.plotting import FIGURE_FORMATS, save_figure
 from dkacq.report.probe_figures import plot_probe_curves
 from dkacq.report.published import PublishedDifference, compare_with_published
+from dkacq.report.similarity_figures import draw_what_changed, plot_comparison
 from dkacq.report.stats import (
     ProbeResult,
     has_outcomes,
@@ -33,6 +37,7 @@ from dkacq.report.stats import (
     shortcut_rows,
     significance_vs_base,
 )
+from dkacq.report.what_changed import changed_where, summary_sentences
 
 MISSING = "–"
 
@@ -591,6 +596,119 @@ def _attribution_sections(runs: list[AttributionRun], out_dir: Path, figure_form
     return sections
 
 
+def _what_changed_sections(
+    comparisons: list[Comparison],
+    rows: list[ProbeResult],
+    runs: list[AttributionRun],
+    out_dir: Path,
+    figure_format: str,
+) -> list[str]:
+    """Per compared pair: one figure of CKA, probe accuracy and attribution change per hidden state, the
+    sentences that state its numbers, the CKA heatmaps, and the numbers as a table."""
+    sections = [
+        "## What changed where",
+        "Per pair of models compared with `dkacq compare` (docs/what-changed.md): linear and debiased CKA "
+        "between the two models' vectors of the same texts at each hidden state (1: the same representation "
+        "up to rotation and scale), the probe's test accuracy of both, and the change of the active share of "
+        "attributed neurons, paired over texts with its 95% bootstrap interval (the feed-forward modules of "
+        "layer l feed hidden state l + 1).",
+    ]
+    for comparison in comparisons:
+        changed = changed_where(comparison, rows, runs)
+        a, b = changed.models
+        slug = _slug(f"{a}-vs-{b}-{comparison.summary.get('dataset', '')}")
+        name = f"what_changed_{slug}.{figure_format}"
+        save_figure(draw_what_changed(changed), out_dir / name, figure_format)
+        heatmap, _ = plot_comparison(comparison, out_dir / f"cka_{slug}", figure_format)
+        probe = {model: {row.layer: row for row in changed.probe.get(model, [])} for model in (a, b)}
+        shares = {(row.kind, row.layer + 1): row for row in changed.shares}
+        kinds = list(dict.fromkeys(row.kind for row in changed.shares))
+        layers = sorted({row.layer_a for rows in changed.diagonals.values() for row in rows})
+        table_rows = []
+        for layer in layers:
+            cka = [
+                next((f"{row.cka:.3f} / {row.debiased_cka:.3f}" for row in rows if row.layer_a == layer), MISSING)
+                for rows in changed.diagonals.values()
+            ]
+            accuracy = [_acc(probe[m][layer].test_acc) if layer in probe[m] else MISSING for m in (a, b)]
+            gain = (
+                _signed(probe[a][layer].test_acc - probe[b][layer].test_acc)
+                if layer in probe[a] and layer in probe[b]
+                else MISSING
+            )
+            change = [
+                f"{shares[kind, layer].change:+.2f} [{shares[kind, layer].change_low:+.2f}, "
+                f"{shares[kind, layer].change_high:+.2f}]"
+                if (kind, layer) in shares
+                else MISSING
+                for kind in kinds
+            ]
+            table_rows.append([layer, *cka, *accuracy, gain, *change])
+        header = [
+            "hidden state",
+            *(f"CKA {side} (linear / debiased)" for side in changed.diagonals),
+            *(
+                (f"{changed.head} acc {a}", f"{changed.head} acc {b}", "gain")
+                if changed.head
+                else ("probe acc a", "probe acc b", "gain")
+            ),
+            *(f"{kind} active share change (points)" for kind in kinds),
+        ]
+        sections.append(
+            f"### {a} against {b}\n\n"
+            + _figure_link(f"what changed where, {a} against {b}", name)
+            + "\n\n"
+            + " ".join(summary_sentences(changed))
+            + "\n\n"
+            + _table(header, table_rows)
+            + "\n\nEvery layer pair: "
+            + _figure_link(f"CKA heatmaps, {a} against {b}", heatmap.relative_to(out_dir).as_posix())
+            + f"\n\nRows: `{comparison.folder}`."
+        )
+    return sections
+
+
+def _shared_neuron_sections(runs: list[AttributionRun], out_dir: Path, figure_format: str) -> list[str]:
+    """Per pair of runs on the same texts whose neuron sets can be matched (:func:`overlap_pairs`)."""
+    pairs = overlap_pairs(runs)
+    if not pairs:
+        return []
+    sections = [
+        "## Shared neurons",
+        "Jaccard overlap of the two runs' active neurons per layer and module: *per text* (the mean over "
+        "texts of |A_t ∩ B_t| / |A_t ∪ B_t|) and of the *frequent sets* (neurons active in at least "
+        f"{DEFAULT_SHARE:.0%} of the texts), each with its 95% bootstrap interval over texts and, in "
+        "parentheses, the exact expectation for random sets of the same sizes (hypergeometric).",
+    ]
+    for i, j in pairs:
+        a, b = runs[i], runs[j]
+        threshold = next(t for t in a.thresholds if t in b.thresholds)
+        rows = run_overlaps(a, b, threshold)
+        title = f"{run_title(a)} against {run_title(b)}, threshold {threshold:g}"
+        name = f"shared_neurons_{_slug(a.run_dir.name)}_vs_{_slug(b.run_dir.name)}.{figure_format}"
+        save_figure(draw_neuron_overlap(rows, title), out_dir / name, figure_format)
+        table_rows = [
+            [
+                row.kind,
+                row.layer,
+                f"{row.overlap.per_text.value:.3f} [{row.overlap.per_text.low:.3f}, {row.overlap.per_text.high:.3f}] "
+                f"({row.overlap.per_text.random:.3f})",
+                f"{row.overlap.frequent.value:.3f} [{row.overlap.frequent.low:.3f}, {row.overlap.frequent.high:.3f}] "
+                f"({row.overlap.frequent.random:.3f})",
+                f"{row.overlap.frequent_sizes[0]:,} / {row.overlap.frequent_sizes[1]:,}",
+                row.overlap.texts,
+            ]
+            for row in rows
+        ]
+        sections.append(
+            f"### {title}\n\n"
+            + _figure_link(f"shared neurons, {title}", name)
+            + "\n\n"
+            + _table(["kind", "layer", "per text", "frequent sets", "frequent set sizes", "texts"], table_rows)
+        )
+    return sections
+
+
 def write_report(
     results_csvs: list[Path],
     attribution_dirs: list[Path],
@@ -598,6 +716,7 @@ def write_report(
     base_models: dict[str, str] | None = None,
     published_overlay: bool = True,
     figure_format: str = "png",
+    comparison_dirs: list[Path] | None = None,
 ) -> Path:
     """Build every figure the inputs allow into ``out_dir`` and write ``out_dir/report.md``.
 
@@ -609,10 +728,13 @@ def write_report(
     Rows of trained probes fitted in different ways (:attr:`ProbeResult.fitting`: e.g. a table of 30
     epochs and one of early stopping, for the same settings) are reported as modes: each mode's figures
     and tables (the untrained baselines in every one), then the modes compared (how each fit went, and
-    whether each head's verdict against concat at the last layer is the same in every mode). Every file is written under a temporary name and renamed
+    whether each head's verdict against concat at the last layer is the same in every mode).
+    ``comparison_dirs`` (``dkacq compare`` folders) add the "What changed where" section; attribution runs
+    with per-text active sets on the same texts add "Shared neurons". Every file is written under a temporary name and renamed
     when complete. Returns the path of ``report.md``. Raises ``ValueError`` when there is no input.
     """
-    if not results_csvs and not attribution_dirs:
+    comparison_dirs = list(comparison_dirs or [])
+    if not results_csvs and not attribution_dirs and not comparison_dirs:
         raise ValueError(
             "nothing to report: give results tables (--results) or attribution run folders (--attributions)"
         )
@@ -622,7 +744,8 @@ def write_report(
     rows = read_results(results_csvs)
     runs = [AttributionRun.load(run_dir) for run_dir in attribution_dirs]
     out_dir.mkdir(parents=True, exist_ok=True)
-    inputs = [*results_csvs, *attribution_dirs]
+    comparisons = [Comparison.load(folder) for folder in comparison_dirs]
+    inputs = [*results_csvs, *attribution_dirs, *comparison_dirs]
     sections = ["# dkacq report", "Inputs: " + ", ".join(f"`{path}`" for path in inputs)]
     modes = fitting_modes(rows)
     if rows and len(modes) <= 1:
@@ -637,5 +760,8 @@ def write_report(
         sections += [*([shortcut] if shortcut else []), _modes_section(rows, modes)]
     if runs:
         sections += _attribution_sections(runs, out_dir, figure_format)
+        sections += _shared_neuron_sections(runs, out_dir, figure_format)
+    if comparisons:
+        sections += _what_changed_sections(comparisons, rows, runs, out_dir, figure_format)
     text = "\n\n".join(sections) + "\n"
     return atomic_write(out_dir / "report.md", lambda temporary: temporary.write_text(text, encoding="utf-8"))
