@@ -143,6 +143,7 @@ def overlap_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
     text side), pooling, module kinds and widths, both with per-text active sets; and either a model
     and its backbone or random-init control under one target, or one model under two targets."""
     same = ("dataset", "split", "text_side", "pooling", "kinds")
+    labels = {run.model for run in runs}
     pairs = []
     for i, a in enumerate(runs):
         for j, b in enumerate(runs):
@@ -152,7 +153,7 @@ def overlap_pairs(runs: Sequence[AttributionRun]) -> list[tuple[int, int]]:
                 continue
             if any(a.num_neurons(kind) != b.num_neurons(kind) for kind in a.kinds):
                 continue
-            base = b.model in (backbone_of(a.model), control_label(a.model)) and a.target == b.target
+            base = b.model in (backbone_of(a.model, labels), control_label(a.model)) and a.target == b.target
             targets = a.model == b.model and (a.target, b.target) == ("relevance", "norm")
             if base or targets:
                 pairs.append((i, j))

@@ -613,13 +613,13 @@ def _what_changed_sections(
         "attributed neurons, paired over texts with its 95% bootstrap interval (the feed-forward modules of "
         "layer l feed hidden state l + 1).",
     ]
-    for comparison in comparisons:
-        changed = changed_where(comparison, rows, runs)
+    for compared in comparisons:
+        changed = changed_where(compared, rows, runs)
         a, b = changed.models
-        slug = _slug(f"{a}-vs-{b}-{comparison.summary.get('dataset', '')}")
+        slug = _slug(f"{a}-vs-{b}-{compared.summary.get('dataset', '')}")
         name = f"what_changed_{slug}.{figure_format}"
         save_figure(draw_what_changed(changed), out_dir / name, figure_format)
-        heatmap, _ = plot_comparison(comparison, out_dir / f"cka_{slug}", figure_format)
+        heatmap, _ = plot_comparison(compared, out_dir / f"cka_{slug}", figure_format)
         probe = {model: {row.layer: row for row in changed.probe.get(model, [])} for model in (a, b)}
         shares = {(row.kind, row.layer + 1): row for row in changed.shares}
         kinds = list(dict.fromkeys(row.kind for row in changed.shares))
@@ -663,7 +663,7 @@ def _what_changed_sections(
             + _table(header, table_rows)
             + "\n\nEvery layer pair: "
             + _figure_link(f"CKA heatmaps, {a} against {b}", heatmap.relative_to(out_dir).as_posix())
-            + f"\n\nRows: `{comparison.folder}`."
+            + f"\n\nRows: `{compared.folder}`."
         )
     return sections
 
