@@ -14,6 +14,8 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from dkacq.commands import helptext
+
 PROG = "dkacq"
 COMMANDS = {
     "fit": "probe",
@@ -87,6 +89,9 @@ def main(args: list[str] | None = None) -> None:
         kind = "option" if args[0].startswith("-") else "command"
         print(f"{PROG}: unknown {kind} '{args[0]}'\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
+    if args[1:] in (["-h"], ["--help"]) and args[0] in helptext.COMMANDS:
+        print(helptext.kept(args[0]) or helptext.keep(args[0]), end="")  # kept: without torch or Lightning
+        raise SystemExit(0)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
