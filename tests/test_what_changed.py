@@ -38,7 +38,12 @@ def test_sentences_state_where_cka_falls_and_what_the_probe_gains(tmp_path):
     assert (changed.head, changed.num_passages) == ("query_aware", 5)
     text = " ".join(summary_sentences(changed))
     assert "on query texts falls below 0.5 at hidden state 2 (0.40); it is 0.20 at the last (debiased 0.19)" in text
-    assert "gains +0.30 over base at hidden state 3 (0.60 against 0.30) and +0.30 at the last" in text
+    assert "gains +0.30 over base at hidden state 3, the last (0.60 against 0.30)." in text
+    rows[2] = _probe("ft", 2, "query_aware", 0.9)  # best before the last
+    text = " ".join(summary_sentences(changed_where(comparison, rows, [])))
+    assert (
+        "gains +0.60 over base at hidden state 2 (0.90 against 0.30) and +0.30 at the last (0.60 against 0.30)." in text
+    )
     figure = draw_what_changed(changed)
     cka_axis, probe_axis = figure.axes[:2]
     assert list(cka_axis.lines[0].get_ydata()) == [0.9, 0.7, 0.4, 0.2]

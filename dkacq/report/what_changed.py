@@ -109,10 +109,18 @@ def summary_sentences(changed: ChangedWhere) -> list[str]:
         if gains:
             best, gain = max(gains, key=lambda item: item[1])
             last, last_gain = gains[-1]
+
+            def versus(row: ProbeResult) -> str:
+                return f"({row.test_acc:.2f} against {by_layer[row.layer].test_acc:.2f})"
+
+            where = f"at hidden state {best.layer}"
+            where += (
+                f", the last {versus(best)}"
+                if best is last
+                else f" {versus(best)} and {last_gain:+.2f} at the last {versus(last)}"
+            )
             sentences.append(
-                f"The {changed.head} probe (N = {changed.num_passages}) gains {gain:+.2f} over {b} at hidden "
-                f"state {best.layer} ({best.test_acc:.2f} against {by_layer[best.layer].test_acc:.2f}) and "
-                f"{last_gain:+.2f} at the last ({last.test_acc:.2f} against {by_layer[last.layer].test_acc:.2f})."
+                f"The {changed.head} probe (N = {changed.num_passages}) gains {gain:+.2f} over {b} {where}."
             )
     for kind in dict.fromkeys(row.kind for row in changed.shares):
         rows = [row for row in changed.shares if row.kind == kind]
