@@ -157,3 +157,20 @@ def test_epoch_zero_is_validated_before_any_step_and_wins_over_a_destructive_fit
     assert probe.checkpoint_epoch == 0
     correct = (probe.test_outcomes["prediction"] == probe.test_outcomes["label"]).float().mean().item()
     assert correct == pytest.approx(_cosine_accuracy(data.datasets["test"]))
+
+
+def test_weight_decay_is_in_the_identity_of_the_head_it_changes(tiny_bert_dir, probe_files, tmp_path):
+    """Cells of the other heads keep the identity they had before the option existed."""
+    from dkacq.commands.probe import build
+
+    train, test = probe_files
+    data = dict(encoder="bert-mean", model=str(tiny_bert_dir), dataset="toy", source="local", train_file=train)
+    options = {
+        "data": data | {"test_file": test, "cache_dir": str(tmp_path / "cache"), "layers": [1]},
+        "heads": ["concat", "residual_bilinear"],
+        "results": {"run_dir": str(tmp_path / "run")},
+    }
+    concat, residual = build(options).plan()
+    assert "weight_decay" not in concat.identity["model"] and residual.identity["model"]["weight_decay"] == 0.01
+    other = build(options | {"model": {"weight_decay": 0.1}}).plan()
+    assert other[0].id == concat.id and other[1].id != residual.id

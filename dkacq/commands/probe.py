@@ -19,7 +19,7 @@ from dkacq.formats.atomic import atomic_write_text, check_writable
 from dkacq.formats.identity import digest, without
 from dkacq.formats.results import ProbeCell, check_cells, check_one_setting_per_cell, finished_ids, read_table
 from dkacq.probe.baselines import baseline_cells, record_baselines, record_layer_baselines
-from dkacq.probe.heads import Head
+from dkacq.probe.heads import DECAYED_HEADS, Head
 from dkacq.probe.linear_probe import LinearProbe
 from dkacq.probe.results import ProbeResults
 from dkacq.probe.retrieval import check_planned_retrieval, record_retrieval
@@ -151,7 +151,10 @@ class ProbeCLI(LightningCLI):
         heads = config.heads or [config.model.head]
         cells = []
         for head, layer in itertools.product(heads, data.probed_layers()):
-            identity = setting | {"model": setting["model"] | {"head": head}, "layer": layer}
+            model = setting["model"] | {"head": head}
+            if head not in DECAYED_HEADS:  # no number of this head depends on it
+                model.pop("weight_decay", None)
+            identity = setting | {"model": model, "layer": layer}
             cells.append(
                 ProbeCell(
                     data.hparams.dataset,

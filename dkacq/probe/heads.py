@@ -24,6 +24,9 @@ from torch import Tensor, nn
 Head = Literal["concat", "passage_only", "query_aware", "bilinear", "residual_bilinear"]
 HEADS: tuple[Head, ...] = get_args(Head)
 """Every trained probe head, in the order reports show them; ``concat`` (the study's probe) first."""
+DECAYED_HEADS: tuple[Head, ...] = ("residual_bilinear",)
+"""The heads whose fit reads ``model.weight_decay`` (the others train with Adam without decay): the option
+is part of their cells' identity only."""
 DEFAULT_RANK = 64
 """Rank of the ``bilinear`` head's ``U`` and ``V`` unless ``rank`` says otherwise."""
 
