@@ -236,11 +236,16 @@ def backbone_label(backbone: str, label: str) -> str:
     return f"{readable_label(backbone)}@{label}"
 
 
+def declared_backbone(label: str, labels: Iterable[str]) -> str | None:
+    """The one of ``labels`` declared as the backbone of ``label`` (:func:`backbone_label`), None if none."""
+    declared = sorted(other for other in labels if other.endswith(f"@{label}"))
+    return declared[0] if declared else None
+
+
 def backbone_of(label: str, labels: Iterable[str] = ()) -> str | None:
     """The pre-trained model that ``label`` was fine-tuned from: the one of ``labels`` declared as its
-    backbone (:func:`backbone_label`), else the study's, else None."""
-    declared = sorted(other for other in labels if other.endswith(f"@{label}"))
-    return declared[0] if declared else BACKBONES.get(label)
+    backbone, else the study's, else None."""
+    return declared_backbone(label, labels) or BACKBONES.get(label)
 
 
 def comparison(model: str, base: str, labels: Iterable[str] = ()) -> str:

@@ -7,7 +7,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from dkacq.encoders.presets import backbone_of, base_model_for, comparison, control_label, model_sort_key
+from dkacq.encoders.presets import base_model_for, comparison, control_label, declared_backbone, model_sort_key
 from dkacq.formats.atomic import atomic_write
 from dkacq.formats.counts import SIDES, AttributionRun
 from dkacq.formats.similarity import Comparison
@@ -375,7 +375,7 @@ def _probe_sections(
 
 
 def _pair_sections(rows: list[ProbeResult], out_dir: Path, figure_format: str, title: str, suffix: str) -> list[str]:
-    """Each model probed with a declared backbone (``<backbone>@<model>``: ``data.backbone``) drawn with
+    """Each model probed with a declared backbone (``data.backbone``, see encoders.presets.backbone_label) drawn with
     it, and with its random-init control where that was probed, and tested against each, layer by layer
     (McNemar exact test, Bonferroni over the compared layers), as a pooling group is against its base."""
     sections = []
@@ -383,8 +383,8 @@ def _pair_sections(rows: list[ProbeResult], out_dir: Path, figure_format: str, t
         group = [row for row in rows if (row.dataset, row.pooling) == (dataset, pooling)]
         present = {row.model for row in group}
         for model in sorted(present, key=model_sort_key):
-            backbone = backbone_of(model, present)
-            if backbone is None or not backbone.endswith(f"@{model}"):
+            backbone = declared_backbone(model, present)
+            if backbone is None:
                 continue
             control = control_label(model) if control_label(model) in present else None
             members = [model, backbone, *([control] if control else [])]
