@@ -94,7 +94,7 @@ def test_a_sweep_reads_each_layer_once_and_equals_each_cell_fitted_alone(
     )
     reads = LayerReads(monkeypatch)
     main(["sweep", "--config", str(study)])
-    announced = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    announced = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
     cells = len(settings) * len(NUM_PASSAGES) * len(HEADS) * LAYER_COUNT
     per_setting = cells // len(settings)  # counted over a setting's N values and heads
     assert [line.split()[0] for line in announced] == [f"[{k}/{per_setting}]" for k in range(1, per_setting + 1)] * 2
@@ -154,7 +154,7 @@ def test_fit_test_and_validate_read_each_layer_once(tmp_path, tiny_bert_dir, pro
     args = _fit_args(tiny_bert_dir, probe_files, tmp_path)
     reads = LayerReads(monkeypatch)
     main(["fit", *args])
-    announced = [line for line in capsys.readouterr().out.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    announced = [line.split(":")[0] for line in capsys.readouterr().out.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
     name = Path(tiny_bert_dir).name
     labels = [f"toy {name} mean N=3 layer {layer} {head}" for layer in range(LAYER_COUNT) for head in HEADS]
     assert announced == [f"[{number}/{len(labels)}] {label}" for number, label in enumerate(labels, 1)]
