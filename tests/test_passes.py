@@ -69,7 +69,7 @@ class OutOfMemoryAbove(AttributionModule):
     calls: list[int]
 
     def build_encoder(self, dtype=torch.float32):
-        encoder = super().build_encoder(dtype)
+        encoder, partner = super().build_encoder(dtype)
         self.calls = []
 
         def check(module, args, kwargs):
@@ -80,7 +80,7 @@ class OutOfMemoryAbove(AttributionModule):
 
         for layer in encoder.transformer.layers:
             layer.register_forward_pre_hook(check, with_kwargs=True)
-        return encoder
+        return encoder, partner
 
 
 def _run(module_class, tmp_path, name, preset, probe_files, **kwargs):

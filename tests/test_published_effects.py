@@ -200,7 +200,7 @@ def published_run(folder, texts, batch_size, encoder_type, target="question", n_
 
 def dkacq_run(module: AttributionModule, texts, batch_size):
     """What ``predict_step`` does over the texts in batches of ``batch_size``, in float64."""
-    encoder = module.build_encoder(torch.float64)
+    encoder, _ = module.build_encoder(torch.float64)
     targets = find_targets(encoder.transformer, module.kinds)
     metric = ActiveNeuronCounts(targets, module.thresholds, text_capacity=len(texts))
     scores = {target.name: [] for target in targets}
@@ -253,7 +253,7 @@ def test_unmasked_mean_reproduces_the_published_mean(bert_dir):
 
 def test_cls_pooler_reproduces_the_published_pooler_output(bert_dir):
     module = module_for(bert_dir, "cls", cls_pooler=True)
-    assert module.build_encoder().pooler is not None
+    assert module.build_encoder()[0].pooler is not None
     published = assert_same_as_published(module, bert_dir, "cls", 3)
     _, _, ours = dkacq_run(module_for(bert_dir, "cls"), TEXTS, 3)
     assert any(not torch.equal(ours.per_text[key], published.per_text[key]) for key in ours.per_text)
@@ -261,7 +261,7 @@ def test_cls_pooler_reproduces_the_published_pooler_output(bert_dir):
 
 def test_dprs_pooler_output_is_its_cls_vector(dpr_dir):
     """For DPR the published ``pooler_output`` is the raw CLS vector: dkacq's default already matches."""
-    assert module_for(dpr_dir, "cls", cls_pooler=True).build_encoder().pooler is None
+    assert module_for(dpr_dir, "cls", cls_pooler=True).build_encoder()[0].pooler is None
     assert_same_as_published(module_for(dpr_dir, "cls"), dpr_dir, "cls", 3)
 
 
@@ -338,7 +338,7 @@ def test_an_explicit_max_length_wins(tiny_bert_dir):
     long_text = " ".join(["python"] * 50)
     given = AttributionModule(preset(tiny_bert_dir, "mean"), max_length=40)
     assert given.max_length == 40 and given.identity(None, "32-true")["max_length"] == 40
-    encoder = given.build_encoder()
+    encoder, _ = given.build_encoder()
     expected = published_tokenizer(tiny_bert_dir)([long_text], truncation=True, max_length=40)["input_ids"]
     assert encoder.max_length == 40 and encoder.token_ids([long_text]) == expected
     assert AttributionModule(preset(tiny_bert_dir, "mean")).max_length == 16
