@@ -119,23 +119,6 @@ class LayerHolder:
             if not self.users:
                 self.release()
 
-    def _usable(self, query_rows: Tensor, passage_rows: Tensor, split: str) -> tuple[Tensor, Tensor]:
-        """The examples with at least N - 1 negatives (all of them, unless a collection gave fewer)."""
-        keep = (passage_rows[:, 1:] >= 0).sum(dim=1) >= self.hparams.num_passages - 1
-        if not bool(keep.all()):
-            log.info(
-                "%s split: %d of %d examples have fewer than %d negatives and are left out at N = %d",
-                split,
-                int((~keep).sum()),
-                len(keep),
-                self.hparams.num_passages - 1,
-                self.hparams.num_passages,
-            )
-            query_rows, passage_rows = query_rows[keep], passage_rows[keep]
-        if not len(query_rows):
-            raise ValueError(f"the {split} split has no example with {self.hparams.num_passages - 1} negatives")
-        return query_rows, passage_rows
-
     def release(self) -> None:
         """Drop the held layer (and collect garbage, so that no cycle keeps its tensors alive)."""
         held, self.key, self.vectors = self.vectors, None, None
