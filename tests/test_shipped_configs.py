@@ -20,6 +20,8 @@ from dkacq.probe.heads import HEADS
 CONFIGS = Path(__file__).parents[1] / "configs"
 STUDIES = sorted(path for path in (CONFIGS / "study").glob("*.yaml") if path.name != "probe-study.yaml")
 FIT_CONFIGS = [CONFIGS / "probe.yaml", CONFIGS / "study" / "probe-study.yaml"]
+WHOLE_STUDIES = ["msmarco.yaml", "nq.yaml"]
+"""The study on its two data sets: the same settings and attribution runs, each run half in the tests."""
 
 
 def _tiny_model(preset: str, tiny_bert_dir, tiny_llama_dir, folder: Path) -> str:
@@ -112,6 +114,12 @@ def test_attribute_config_runs(tiny_bert_dir, probe_files, tmp_path, monkeypatch
     assert (tmp_path / "out" / "counts.safetensors").exists()
 
 
+def test_whole_studies_list_the_same_settings_and_runs():
+    studies = [yaml.safe_load((CONFIGS / "study" / name).read_text()) for name in WHOLE_STUDIES]
+    assert all(study["probes"] == studies[0]["probes"] for study in studies)
+    assert all(study["attributions"] == studies[0]["attributions"] for study in studies)
+
+
 @pytest.mark.parametrize("config", STUDIES, ids=lambda path: path.name)
 def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, tmp_path, monkeypatch):
     study = yaml.safe_load(config.read_text())
@@ -127,12 +135,14 @@ def test_study_config_runs(config, tiny_bert_dir, tiny_llama_dir, probe_files, t
         probes["settings"], probes["heads"] = probes["settings"][:1] + eos[:1], probes["heads"][:1]
     else:
         study["data"] = _tiny_data(probe_files, tmp_path)
-    if len(probes["settings"]) > 4:
-        # a whole study (NQ, MS MARCO): every setting, one head (heads do not depend on the setting and the
-        # smaller studies run each of them) and one attribution run per model, or the suite's time doubles
-        probes["heads"] = probes["heads"][-1:]
+    if config.name in WHOLE_STUDIES:
+        # NQ and MS MARCO list the same settings and runs: between them, each setting and each model's
+        # attribution runs in one of the two, with one head (heads do not depend on the setting, and the
+        # smaller studies run each of them); every cell of both is instantiated in tests/test_cli.py
+        part, parts = WHOLE_STUDIES.index(config.name), len(WHOLE_STUDIES)
+        probes["settings"], probes["heads"] = probes["settings"][part::parts], probes["heads"][-1:]
         firsts = {run["model"]: run for run in reversed(study.get("attributions", []))}
-        study["attributions"] = [run for run in study.get("attributions", []) if firsts[run["model"]] is run]
+        study["attributions"] = [run for run in study["attributions"] if firsts[run["model"]] is run][part::parts]
     probes["config"] = str(Path(__file__).parents[1] / probes["config"])
     probes["num_passages"] = probes["num_passages"][:1]
     probes["options"] = {"trainer": {"max_epochs": 1, "enable_progress_bar": False}}
