@@ -25,7 +25,7 @@ import torch
 from sample_texts import SAMPLE_TEXTS
 
 from dkacq.data import mining
-from dkacq.probe.retrieval_measures import TopK
+from dkacq.data.exact_search import TopK
 
 MSMARCO_PASSAGES, MSMARCO_QUERIES = 8_841_823, 6_980
 
@@ -59,7 +59,7 @@ def main() -> None:
         _, _, index, tokenizer = mining._bm25_index(lambda: iter(corpus), folder)
         indexing = time.perf_counter() - started
         started = time.perf_counter()
-        mining._search(index, tokenizer, folder, queries, 100, 1024)
+        mining._search(folder / "run", queries, 1024, lambda texts: mining._retrieve(index, tokenizer, texts, 100))
         searching = time.perf_counter() - started
         index_bytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 

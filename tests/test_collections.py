@@ -16,13 +16,14 @@ from dkacq.cli import main
 from dkacq.commands.probe import build
 from dkacq.data import mining
 from dkacq.data.collection import CollectionOptions, beir_folder, judged_queries, read_collection_set, split_queries
+from dkacq.data.exact_search import TopK
 from dkacq.data.examples import ProbeDataError
 from dkacq.data.sampling import draw_passage_orders
 from dkacq.data.storage import stored_probe_set
 from dkacq.datamodules.probe import ProbeDataModule
 from dkacq.formats.results import ResultConflictError
 from dkacq.probe.retrieval import layer_retrieval
-from dkacq.probe.retrieval_measures import TopK, mean_measures, query_measures
+from dkacq.probe.retrieval_measures import mean_measures, query_measures
 
 
 def write_trec(folder: Path, collection: dict) -> dict:
@@ -222,8 +223,16 @@ def test_a_bad_file_is_one_line_naming_file_line_and_field(collection, tmp_path,
 
 
 def test_options_are_checked_before_any_reading(tmp_path):
-    with pytest.raises(ProbeDataError, match="dense is not available"):
+    with pytest.raises(ProbeDataError, match="dense needs a mining model"):
         stored_probe_set(tmp_path / "s", "beir", path=str(tmp_path), negatives="dense")
+    with pytest.raises(ProbeDataError, match="dense_model applies to data.negatives dense, not bm25"):
+        stored_probe_set(
+            tmp_path / "s",
+            "beir",
+            path=str(tmp_path),
+            negatives="bm25",
+            collection=CollectionOptions(dense_model="minilm"),
+        )
     with pytest.raises(ProbeDataError, match="needs a collection"):
         stored_probe_set(tmp_path / "s", "demo", negatives="bm25")
     with pytest.raises(ValueError, match="negative_ranks"):

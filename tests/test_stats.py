@@ -2,6 +2,7 @@
 intervals against scipy's, and the results table as the report reads it."""
 
 import csv
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -91,6 +92,21 @@ def test_significance_vs_base(tmp_path):
     # 3 layers: significant when p < 0.05 / 3; 2/1024 is, 2/16 is not.
     assert [r.significant for r in results] == [False, True, False]
     assert significance_vs_base(rows, "llama") == []
+
+
+def test_rows_of_different_probe_sets_are_not_paired(tmp_path, caplog):
+    """Negatives mined with each model give each its own test items: the layer where the two rows name
+    different probe sets is left out, with one warning; rows of one probe set are still paired."""
+    base = [
+        replace(_row(tmp_path, "bert-base-uncased", layer, "concat", [1, 0] * 8), data_fingerprint="a")
+        for layer in range(2)
+    ]
+    tuned = [_row(tmp_path, "contriever", layer, "concat", [1] * 16) for layer in range(2)]
+    tuned = [replace(tuned[0], data_fingerprint="a"), replace(tuned[1], data_fingerprint="b")]
+    results = significance_vs_base(base + tuned, "bert-base-uncased")
+    assert [r.layer for r in results] == [0] and results[0].p_value == pytest.approx(binomtest(0, 8, 0.5).pvalue)
+    assert "different probe sets" in caplog.text and "dense_model" in caplog.text
+    assert "other items" in missing_comparison([base[1], tuned[1]], "bert-base-uncased")
 
 
 def test_read_results(tmp_path):

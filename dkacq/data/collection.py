@@ -60,6 +60,16 @@ class CollectionOptions:
     negative_ranks: tuple[int, int] = (10, 100)
     """Mined negatives are drawn from these ranks, first to last, 1-based (bm25, dense): skipping the
     top ranks avoids unjudged positives."""
+    dense_model: str | None = None
+    """``data.negatives dense``: the mining model, a preset name (minilm, contriever, ...) or a hub id or
+    folder read as ``data.encoder auto`` reads it (its own pooling, prompts, Normalize, token limits);
+    default: the probed model itself. Name one for a study of several models, so that they share one
+    probe set (docs/collections.md)."""
+    dense_similarity: Literal["dot", "cosine"] = "dot"
+    """``data.negatives dense``: how the mining model ranks (dot: as retrievers are trained; a model
+    with Normalize ranks the same by both)."""
+    dense_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """``data.negatives dense``: the mining model's weights' dtype."""
     num_negatives: int = NUM_NEGATIVES
     """Negatives per example (1 to 4); an example with fewer is kept and is used at N <= its count + 1."""
     seed: int = 42
@@ -95,11 +105,26 @@ class CollectionOptions:
             raise ValueError(f"collection.retrieval_limit must be at least 1, got {self.retrieval_limit}")
         if self.query_batch < 1:
             raise ValueError(f"collection.query_batch must be at least 1, got {self.query_batch}")
+        if self.dense_similarity not in ("dot", "cosine"):
+            raise ValueError(f"collection.dense_similarity must be dot or cosine, got {self.dense_similarity!r}")
+        if self.dense_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"collection.dense_dtype must be float32, bfloat16 or float16, got {self.dense_dtype!r}")
 
     def identity(self) -> dict:
-        """Every option that can change the examples; the files are identified by their content."""
+        """Every option that can change the examples; the files are identified by their content, and the
+        dense mining model by its resolved identity (weights, settings, similarity, dtype: the mining
+        method's record), not by how it is named."""
         options = asdict(self)
-        for key in ("corpus_file", "queries_file", "query_batch", "retrieval", "retrieval_limit"):
+        for key in (
+            "corpus_file",
+            "queries_file",
+            "query_batch",
+            "retrieval",
+            "retrieval_limit",
+            "dense_model",
+            "dense_similarity",
+            "dense_dtype",
+        ):
             del options[key]
         options["negative_ranks"] = list(self.negative_ranks)
         return options
@@ -459,12 +484,14 @@ def read_collection_set(
     negatives: mining.NegativeSource,
     options: CollectionOptions,
     work_folder: Path,
+    encoder: mining.VectorEncoder | None = None,
 ) -> tuple[ProbeSetRead, dict]:
     """The probe set of a collection and its provenance (what goes into its identity beside the examples).
 
     The queries are split by :func:`judged_queries`. One example per (query, relevant passage), in
     query-id then passage-id order; its negatives come from :func:`dkacq.data.mining.negatives`, which
-    keeps judged passages of grade above 0 out. ``work_folder`` holds the mining's resumable state.
+    keeps judged passages of grade above 0 out. ``work_folder`` holds the mining's resumable state;
+    ``encoder`` is the dense mining model.
     """
     judged_set = judged_queries(collection, options)
     query_ids, grades, positives = judged_set.query_ids, judged_set.grades, judged_set.positives
@@ -481,6 +508,7 @@ def read_collection_set(
         options,
         work_folder,
         collection.request(),
+        encoder,
     )
     needed = {doc for docs in positives.values() for doc in docs} | {
         doc for docs in mined.candidates.values() for doc in docs
@@ -508,7 +536,7 @@ def read_collection_set(
                 for column, value in zip(EXAMPLE_COLUMNS, row, strict=True):
                     columns[column].append(value)
         if not columns["question"]:
-            hint = "; mine negatives with data.negatives bm25 or random" if negatives == "file" else ""
+            hint = "; mine negatives with data.negatives bm25, dense or random" if negatives == "file" else ""
             raise ProbeDataError(f"{collection.name} ({name} split): gives no examples ({_said(dropped[name])}){hint}")
         splits[name] = datasets.Dataset.from_dict(columns, features=EXAMPLE_FEATURES)
     for name, counts in dropped.items():

@@ -1,9 +1,13 @@
-"""Negatives for collections that have none: from the judgements, BM25 over the whole corpus, or random.
+"""Negatives for collections that have none: from the judgements, BM25 or a dense model over the whole
+corpus, or random.
 
 - ``file``: the query's judged passages of grade 0 or below (judged not relevant), in a seeded order.
 - ``bm25``: ``bm25s`` over the whole corpus (Lucene BM25, k1 = 1.5, b = 0.75, lower-cased words of two or
   more characters, English stop words, no stemming), drawn at random (seeded per query) from the ranks
   ``collection.negative_ranks`` of each query's ranking.
+- ``dense``: a model's vectors over the whole corpus, exact search (:class:`~dkacq.data.exact_search.TopK`),
+  drawn from the same ranks. The model comes as a :class:`VectorEncoder` (built by ``datamodules/``,
+  which may load encoders); its identity is the method's record.
 - ``random``: passages drawn uniformly from the corpus (seeded per query).
 
 A passage the query's judgements grade above 0 is never a negative, whatever the relevance threshold;
@@ -11,11 +15,12 @@ a candidate whose words nearly equal the positive's is skipped (:func:`choose`).
 from ``random.Random("<seed>/<query id>")``, so they do not depend on the order a reader gives.
 
 Resumable and bounded: the corpus is scanned once (its content digest and the row -> passage id map,
-saved as ``doc_ids.npy``), the BM25 index is saved with ``bm25s`` and memory-mapped for search, and the
-queries are searched in batches of ``collection.query_batch``, each saved as ``batch_NNNNN.npy`` (passage
-rows, ``[queries, depth]``) when done: a run stopped at any point resumes after its last saved batch.
-All of it lives under the work folder, in folders named by digests of what they hold, so other
-settings never reuse them.
+saved as ``doc_ids.npy``); the BM25 index is saved with ``bm25s`` and memory-mapped for search; a dense
+model's passage vectors are saved chunk by chunk as they are encoded (``chunk_NNNNN.npy``, ``CHUNK``
+passages each), so a stopped encoding resumes after its last saved chunk. The queries are searched in
+batches of ``collection.query_batch``, each saved as ``batch_NNNNN.npy`` (passage rows, ``[queries,
+depth]``) when done: a run stopped at any point resumes after its last saved batch. All of it lives
+under the work folder, in folders named by digests of what they hold, so other settings never reuse them.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
+import torch
 
+from dkacq.data.exact_search import Similarity, TopK
 from dkacq.data.examples import ProbeDataError
 from dkacq.formats.atomic import atomic_write, atomic_write_text, replace_folder, staging_folder
 from dkacq.formats.identity import digest
@@ -47,13 +54,28 @@ NEGATIVE_SOURCES: tuple[str, ...] = ("file", "bm25", "random", "dense")
 BM25 = {"method": "lucene", "k1": 1.5, "b": 0.75}
 TOKENIZER = {"lower": True, "splitter": r"(?u)\b\w\w+\b", "stopwords": "english", "stemmer": None}
 CHUNK = 10_000
-"""Passages tokenized at once while indexing."""
+"""Passages tokenized (BM25) or encoded and saved (dense) at once."""
 RESERVE = 3
 """Candidates kept per negative wanted, so near-duplicates of the positive can be skipped."""
 _WORDS = re.compile(r"\w+")
 _log = logging.getLogger("dkacq")
 
 Passages = Callable[[], Iterator[tuple[str, str]]]
+
+
+class VectorEncoder(Protocol):
+    """A dense mining model: its texts' vectors, the similarity it ranks by, the device it searches on,
+    and ``identity``, everything that decides its vectors (weights, pooling, prefixes, lengths,
+    normalisation, dtype) and its ranking (similarity), which names its saved vectors and goes into the
+    probe set's identity."""
+
+    identity: dict
+    similarity: Similarity
+    device: torch.device
+
+    def encode(self, texts: list[str], side: Literal["query", "passage"]) -> torch.Tensor:
+        """``[len(texts), dim]`` float32 vectors, on the CPU."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -66,13 +88,9 @@ class Mined:
 
 
 def check_source(negatives: str) -> None:
-    """Before any work: ``dense`` is refused (not built yet), and the name is one of the sources."""
-    if negatives == "dense":
-        raise ProbeDataError(
-            "data.negatives=dense is not available yet: use bm25 (lexical), random, or file (judged non-relevant)"
-        )
+    """Before any work: the name is one of the sources."""
     if negatives not in NEGATIVE_SOURCES:
-        raise ProbeDataError(f"unknown data.negatives {negatives!r}; expected one of file, bm25, random")
+        raise ProbeDataError(f"unknown data.negatives {negatives!r}; expected one of {', '.join(NEGATIVE_SOURCES)}")
 
 
 def negatives(
@@ -84,21 +102,29 @@ def negatives(
     options: CollectionOptions,
     folder: Path,
     collection_request: dict,
+    encoder: VectorEncoder | None = None,
 ) -> Mined:
     """Candidate negatives of every query in ``queries`` (id -> text), ``RESERVE`` per negative wanted.
 
     ``judged``: the passages of each query graded above 0 (never negatives); ``not_relevant``: those
     graded 0 or below (the ``file`` source). ``collection_request`` identifies the collection's content
-    cheaply (file digests or an ir_datasets id), naming the work folders.
+    cheaply (file digests or an ir_datasets id), naming the work folders. ``encoder``: the ``dense``
+    source's model.
     """
     check_source(source)
     folder = work_folder(folder, collection_request)
     wanted = options.num_negatives * RESERVE
-    if source == "bm25":
+    if source in ("bm25", "dense"):
         first, last = options.negative_ranks
-        corpus, ranked = bm25_rankings(passages, queries, folder, last, options.query_batch)
+        if source == "bm25":
+            corpus, ranked = bm25_rankings(passages, queries, folder, last, options.query_batch)
+            method = {"source": "bm25", "library": f"bm25s {_bm25s().__version__}", **BM25, "tokenizer": TOKENIZER}
+        else:
+            if encoder is None:
+                raise ProbeDataError("data.negatives=dense needs a mining model (data.collection.dense_model)")
+            corpus, ranked = dense_rankings(passages, queries, folder, last, options.query_batch, encoder)
+            method = {"source": "dense", **encoder.identity}
         ranked = {query: found[first - 1 : last] for query, found in ranked.items()}
-        method = {"source": "bm25", "library": f"bm25s {_bm25s().__version__}", **BM25, "tokenizer": TOKENIZER}
     else:
         corpus, doc_ids = _scan(passages, folder)
         method = {"source": source}
@@ -134,8 +160,24 @@ def bm25_rankings(
     """The corpus's digest and size, and each query's top ``depth`` passage ids by BM25 (fewer where
     fewer passages share a word with it), with the index and searches kept in ``folder``."""
     corpus, doc_ids, index, tokenizer = _bm25_index(passages, folder)
-    rows = _search(index, tokenizer, folder, queries, depth, batch)
-    return corpus, {query: [str(doc_ids[row]) for row in found if row >= 0] for query, found in rows.items()}
+    run = _run_folder(folder, "bm25", queries, depth, batch)
+    rows = _search(run, queries, batch, lambda texts: _retrieve(index, tokenizer, texts, depth))
+    return corpus, _passage_ids(doc_ids, rows)
+
+
+def dense_rankings(
+    passages: Passages, queries: dict[str, str], folder: Path, depth: int, batch: int, encoder: VectorEncoder
+) -> tuple[dict, dict[str, list[str]]]:
+    """The corpus's digest and size, and each query's top ``depth`` passage ids by ``encoder``'s
+    similarity (exact search over every passage), with the vectors and searches kept in ``folder``."""
+    corpus, doc_ids, vectors = _dense_index(passages, folder, encoder)
+    run = _run_folder(vectors, "dense", queries, depth, batch)
+    rows = _search(run, queries, batch, lambda texts: _dense_retrieve(vectors, encoder, texts, depth, len(doc_ids)))
+    return corpus, _passage_ids(doc_ids, rows)
+
+
+def _passage_ids(doc_ids: np.ndarray, rows: dict[str, np.ndarray]) -> dict[str, list[str]]:
+    return {query: [str(doc_ids[row]) for row in found if row >= 0] for query, found in rows.items()}
 
 
 def choose(positive: str, candidates: list[tuple[str, str]], count: int, near_duplicate: float | None) -> list[str]:
@@ -179,14 +221,15 @@ def _bm25s():
 # --- the corpus scan and the index ----------------------------------------------------------------
 
 
-def _scan(passages: Passages, folder: Path, tokenize: Callable[[list[str]], None] | None = None):
+def _scan(passages: Passages, folder: Path, each_chunk: Callable[[int, list[str]], None] | None = None):
     """The corpus's digest and size and its row -> passage id array, saved in ``folder`` (read back when
-    there); ``tokenize`` is given every chunk of texts, in corpus order, when the scan runs."""
+    there); ``each_chunk`` is given every chunk's number and texts, in corpus order, when the scan runs."""
     info_path, ids_path = folder / "corpus.json", folder / "doc_ids.npy"
-    if tokenize is None and info_path.is_file() and ids_path.is_file():
+    if each_chunk is None and info_path.is_file() and ids_path.is_file():
         return json.loads(info_path.read_text()), np.load(ids_path)
     hashed, ids, seen = hashlib.sha256(), [], set()
     stream = passages()
+    number = 0
     while chunk := list(islice(stream, CHUNK)):
         for identifier, text in chunk:
             if identifier in seen:
@@ -194,8 +237,9 @@ def _scan(passages: Passages, folder: Path, tokenize: Callable[[list[str]], None
             seen.add(identifier)
             hashed.update(identifier.encode() + b"\t" + text.encode() + b"\n")
         ids.extend(identifier for identifier, _ in chunk)
-        if tokenize is not None:
-            tokenize([text for _, text in chunk])
+        if each_chunk is not None:
+            each_chunk(number, [text for _, text in chunk])
+        number += 1
     if not ids:
         raise ProbeDataError("corpus: holds no passages")
     del seen
@@ -235,7 +279,7 @@ def _build_index(passages: Passages, folder: Path, index_folder: Path) -> None:
     bm25s = _bm25s()
     tokenizer, token_ids = _tokenizer(), []
 
-    def tokenize(texts: list[str]) -> None:
+    def tokenize(_: int, texts: list[str]) -> None:
         token_ids.extend(tokenizer.tokenize(texts, update_vocab=True, return_as="ids", show_progress=False))
 
     started = time.perf_counter()
@@ -254,12 +298,19 @@ def _build_index(passages: Passages, folder: Path, index_folder: Path) -> None:
         raise
 
 
-def _search(index, tokenizer, folder: Path, queries: dict[str, str], depth: int, size: int) -> dict[str, np.ndarray]:
-    """Every query's top ``depth`` passage rows (-1 past the corpus's end or without a shared word), in
-    batches of ``size`` saved as they finish, so that a stopped search resumes."""
+def _run_folder(folder: Path, method: str, queries: dict[str, str], depth: int, size: int) -> Path:
+    """Where one search of these queries (their texts), at this depth and batch size, saves its batches."""
+    key = {"queries": digest({query: queries[query] for query in sorted(queries)}, 16), "depth": depth, "batch": size}
+    return folder / f"{method}-run-{digest(key, 12)}"
+
+
+def _search(
+    run: Path, queries: dict[str, str], size: int, retrieve: Callable[[list[str]], np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every query's passage rows (``retrieve``: a batch of query texts -> ``[batch, depth]`` rows, -1
+    past the corpus's end or without a match), in batches of ``size`` saved in ``run`` as they finish,
+    so that a stopped search resumes."""
     order = sorted(queries)
-    key = {"queries": digest({query: queries[query] for query in order}, 16), "depth": depth, "batch": size}
-    run = folder / f"bm25-run-{digest(key, 12)}"
     run.mkdir(parents=True, exist_ok=True)
     found: dict[str, np.ndarray] = {}
     for number, start in enumerate(range(0, len(order), size)):
@@ -268,7 +319,7 @@ def _search(index, tokenizer, folder: Path, queries: dict[str, str], depth: int,
         if path.is_file():
             rows = np.load(path)
         else:
-            rows = _retrieve(index, tokenizer, [queries[query] for query in batch], depth)
+            rows = retrieve([queries[query] for query in batch])
             atomic_write(path, lambda temporary, rows=rows: _save_npy(temporary, rows))
         found.update(zip(batch, rows, strict=True))
     return found
@@ -282,4 +333,40 @@ def _retrieve(index, tokenizer, texts: list[str], depth: int) -> np.ndarray:
     rows = np.where(scores > 0, documents, -1).astype(np.int64)
     if k < depth:
         rows = np.pad(rows, ((0, 0), (0, depth - k)), constant_values=-1)
+    return rows
+
+
+# --- dense: the corpus's vectors, saved chunk by chunk, and exact search --------------------------------
+
+
+def _dense_index(passages: Passages, folder: Path, encoder: VectorEncoder) -> tuple[dict, np.ndarray, Path]:
+    """The corpus scan and its passages' vectors (``chunk_NNNNN.npy``), encoded in one pass over the corpus
+    unless saved already; a chunk saved by a stopped pass is kept, not encoded again."""
+    vectors = folder / f"dense-{digest({'chunk': CHUNK, **encoder.identity}, 12)}"
+    if not ((vectors / "done.json").is_file() and (folder / "corpus.json").is_file()):
+        vectors.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+
+        def encode(number: int, texts: list[str]) -> None:
+            path = vectors / f"chunk_{number:05d}.npy"
+            if not path.is_file():
+                array = encoder.encode(texts, "passage").float().numpy()
+                atomic_write(path, lambda temporary: _save_npy(temporary, array))
+
+        corpus, _ = _scan(passages, folder, encode)
+        done = {"seconds": time.perf_counter() - started, **corpus}
+        atomic_write_text(vectors / "done.json", json.dumps(done))
+    corpus, doc_ids = _scan(passages, folder)
+    return corpus, doc_ids, vectors
+
+
+def _dense_retrieve(vectors: Path, encoder: VectorEncoder, texts: list[str], depth: int, size: int) -> np.ndarray:
+    """The top ``depth`` passage rows of each query text, every saved chunk scored on the encoder's device."""
+    search = TopK(encoder.encode(texts, "query").to(encoder.device), min(depth, size), encoder.similarity)
+    for number, start in enumerate(range(0, size, CHUNK)):
+        chunk = torch.from_numpy(np.load(vectors / f"chunk_{number:05d}.npy"))
+        search.add(chunk, torch.arange(start, start + len(chunk)))
+    rows = search.rows.cpu().numpy().astype(np.int64)
+    if rows.shape[1] < depth:
+        rows = np.pad(rows, ((0, 0), (0, depth - rows.shape[1])), constant_values=-1)
     return rows

@@ -16,7 +16,7 @@ from datasets import DatasetDict, load_from_disk
 
 from dkacq.data.collection import COLLECTION_FORMATS, CollectionOptions, open_collection, read_collection_set
 from dkacq.data.examples import DEMO_FILES, EXAMPLE_COLUMNS, ProbeDataError, ProbeSetRead, file_digest, read_probe_set
-from dkacq.data.mining import NegativeSource, check_source
+from dkacq.data.mining import NegativeSource, VectorEncoder, check_source
 from dkacq.formats.atomic import atomic_write_text, file_lock, replace_folder, staging_folder
 from dkacq.formats.identity import canonical
 
@@ -67,6 +67,7 @@ def stored_probe_set(
     dataset_id: str | None = None,
     negatives: NegativeSource = "file",
     collection: CollectionOptions | None = None,
+    miner: VectorEncoder | None = None,
 ) -> tuple[DatasetDict, str]:
     """The probe set stored at ``folder`` and its fingerprint.
 
@@ -78,12 +79,19 @@ def stored_probe_set(
     records the records dropped per split and reason and the questions in both splits, which are
     warned about when the set is built, and, for a collection, how its negatives were mined
     (``provenance``, which is part of the fingerprint). Mining state lives in ``<folder>/../mining``.
+    ``miner``: the dense mining model (``negatives="dense"``), whose identity joins the request.
     """
     folder = Path(folder)
     if source in COLLECTION_FORMATS:
         check_source(negatives)
         collection = collection or CollectionOptions()
         collection.check()
+        if negatives != "dense" and collection.dense_model is not None:
+            raise ProbeDataError(
+                f"data.collection.dense_model applies to data.negatives dense, not {negatives}: drop one"
+            )
+        if negatives == "dense" and miner is None:
+            raise ProbeDataError("data.negatives=dense needs a mining model (data.collection.dense_model)")
         opened = open_collection(source, collection, path, dataset_id, train_file, test_file)
         request = dict(
             store_format=STORE_FORMAT,
@@ -92,9 +100,11 @@ def stored_probe_set(
             negatives=negatives,
             options=collection.identity(),
         )
+        if miner is not None and negatives == "dense":
+            request["dense"] = miner.identity
 
         def read() -> tuple[ProbeSetRead, dict | None]:
-            return read_collection_set(opened, negatives, collection, folder.parent / "mining")
+            return read_collection_set(opened, negatives, collection, folder.parent / "mining", miner)
 
         sources = {"path": path, "dataset_id": dataset_id, "train_file": train_file, "test_file": test_file}
     else:

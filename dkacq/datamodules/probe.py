@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from dkacq.data.collection import COLLECTION_FORMATS, CollectionOptions, collection_options
 from dkacq.data.mining import NegativeSource
 from dkacq.data.sampling import check_num_passages, draw_passage_orders
-from dkacq.data.storage import ProbeSource, check_dataset_name, fingerprint, stored_probe_set
+from dkacq.data.storage import ProbeSource, check_dataset_name, fingerprint
+from dkacq.datamodules.probe_sets import load_probe_set, probe_set_folder, probe_set_miner
 from dkacq.encoders import extraction, loading
 from dkacq.encoders.cache import CACHE_FORMAT, CacheDamagedError, EmbeddingCache, layer_file, open_cache
 from dkacq.encoders.model_files import AutoEncoder, check_label
@@ -274,7 +275,8 @@ class ProbeDataModule(LightningDataModule):
             path: a BEIR folder (source beir).
             dataset_id: an ir_datasets id, e.g. beir/scifact/test (source ir_datasets).
             negatives: where negatives come from: file (the source's own; for a collection its passages
-                judged not relevant), bm25 (mined with bm25s over the whole corpus) or random.
+                judged not relevant), bm25 (mined with bm25s over the whole corpus), dense (a model's last
+                layer over the whole corpus: collection.dense_model, else this model) or random.
             collection: how a collection becomes examples: relevance threshold, ranks and number of
                 mined negatives, seed, near-duplicate exclusion, split by query.
             num_passages: N, passages per example: the positive and N - 1 of its (up to 4) negatives
@@ -319,6 +321,7 @@ class ProbeDataModule(LightningDataModule):
         self.save_hyperparameters(ignore=["normalize"])
         self.normalize = normalize
         self.preset = self.encoder_preset()
+        self.miner = probe_set_miner(self.hparams, self.collection, self.preset)
         self.folder = Path(cache_dir) / dataset
         self.layer: int | None = layers[0] if layers and len(layers) == 1 else None
         self.cache: EmbeddingCache | None = None
@@ -378,7 +381,7 @@ class ProbeDataModule(LightningDataModule):
 
     @property
     def probe_set_folder(self) -> Path:
-        return self.folder / "probe_set"
+        return probe_set_folder(self.hparams, self.miner)
 
     @property
     def embeddings_folder(self) -> Path:
@@ -388,17 +391,7 @@ class ProbeDataModule(LightningDataModule):
     def load_probe_set(self) -> tuple[DatasetDict, str]:
         """The probe set (its first ``max_examples`` per split, if set) and its fingerprint."""
         hparams = self.hparams
-        probe_set, data_fingerprint = stored_probe_set(
-            self.probe_set_folder,
-            hparams.source,
-            hparams.train_file,
-            hparams.test_file,
-            hparams.hub_id,
-            hparams.path,
-            hparams.dataset_id,
-            hparams.negatives,
-            self.collection,
-        )
+        probe_set, data_fingerprint = load_probe_set(hparams, self.collection, self.miner)
         if hparams.max_examples:
             probe_set = DatasetDict(
                 {name: split.select(range(min(hparams.max_examples, len(split)))) for name, split in probe_set.items()}

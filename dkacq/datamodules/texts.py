@@ -1,7 +1,6 @@
 """TextDataModule: the distinct questions or positive passages of a probe set's split, for attribution."""
 
 import hashlib
-from pathlib import Path
 from typing import Literal
 
 from lightning.pytorch import LightningDataModule
@@ -10,7 +9,8 @@ from torch.utils.data import DataLoader
 from dkacq.data.collection import CollectionOptions, collection_options
 from dkacq.data.examples import EXAMPLE_COLUMNS, TEXT_COLUMNS, TextSide
 from dkacq.data.mining import NegativeSource
-from dkacq.data.storage import ProbeSource, check_dataset_name, stored_probe_set
+from dkacq.data.storage import ProbeSource, check_dataset_name
+from dkacq.datamodules.probe_sets import load_probe_set, probe_set_miner
 from dkacq.formats.counts import text_key
 
 
@@ -47,7 +47,8 @@ class TextDataModule(LightningDataModule):
             test_file: the test split's file.
             hub_id: a Hugging Face data set id for msmarco or published.
             path, dataset_id, negatives, collection: a collection's folder, ir_datasets id and mining,
-                as for probing (the stored probe set is shared with it).
+                as for probing (the stored probe set is shared with it; dense negatives need
+                collection.dense_model, the model they were mined with).
             split: the split whose texts are attributed (the study: test).
             text_side: ``query`` (questions, for a query encoder) or ``passage`` (positive passages).
             max_examples: stop after this many distinct texts (the study: 1,000); all when not given.
@@ -67,30 +68,16 @@ class TextDataModule(LightningDataModule):
         check_dataset_name(dataset, source)
         self.collection = collection_options(collection)
         self.save_hyperparameters()
+        self.miner = probe_set_miner(self.hparams, self.collection, None)
         self.texts: list[str] = []
         self.remaining: list[str] = []
         self.examples: dict[str, tuple[str, list[str]]] = {}
 
     def prepare_data(self) -> None:
-        self._probe_set()
-
-    def _probe_set(self):
-        hparams = self.hparams
-        folder = Path(hparams.cache_dir) / hparams.dataset / "probe_set"
-        return stored_probe_set(
-            folder,
-            hparams.source,
-            hparams.train_file,
-            hparams.test_file,
-            hparams.hub_id,
-            hparams.path,
-            hparams.dataset_id,
-            hparams.negatives,
-            self.collection,
-        )
+        load_probe_set(self.hparams, self.collection, self.miner)
 
     def setup(self, stage: str | None = None) -> None:
-        probe_set, _ = self._probe_set()
+        probe_set, _ = load_probe_set(self.hparams, self.collection, self.miner)
         split = probe_set[self.hparams.split]
         column = list(split[TEXT_COLUMNS[self.hparams.text_side]])
         limit = self.hparams.max_examples

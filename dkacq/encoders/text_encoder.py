@@ -150,3 +150,17 @@ class TextEncoder(nn.Module):
         """``[num_hidden_states, batch, dim]``: every layer's pooled (and, if configured, normalised) vector."""
         pooled = torch.stack([self.pool(h, attention_mask) for h in self.hidden_states(input_ids, attention_mask)])
         return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+
+@torch.inference_mode()
+def encode_texts(encoder: TextEncoder, texts: list[str], layers: list[int], batch_size: int = 64) -> Tensor:
+    """``[len(layers), len(texts), dim]`` float32 on the CPU, in the order given: the texts are batched
+    longest first (so a batch pads little) on the encoder's device."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    device = next(encoder.parameters()).device
+    out = torch.empty(len(layers), len(texts), encoder.hidden_size)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = {key: value.to(device) for key, value in encoder.tokenize([texts[i] for i in rows]).items()}
+        out[:, rows] = encoder(**batch)[layers].float().cpu()
+    return out

@@ -1,7 +1,7 @@
 """Each probed layer of an encoder as a retriever over a collection: its test queries against the corpus.
 
 When the corpus holds at most ``collection.retrieval_limit`` passages, every passage is encoded (at every
-probed layer, in one forward pass per batch) and searched exactly (:class:`dkacq.probe.retrieval.TopK`,
+probed layer, in one forward pass per batch) and searched exactly (:class:`dkacq.data.exact_search.TopK`,
 chunk by chunk, on the GPU when there is one): scope ``corpus``. Above it, each test query ranks its
 candidate pool, its BM25 top 100 and its judged passages (a re-ranking view): scope ``pool``. The
 vectors are those of the probe's cache (same encoder, pooling, prefixes, lengths), computed afresh
@@ -18,15 +18,14 @@ from pathlib import Path
 import torch
 
 from dkacq.data.collection import COLLECTION_FORMATS, judged_queries, open_collection
+from dkacq.data.exact_search import Similarity, TopK
 from dkacq.data.mining import bm25_rankings, work_folder
 from dkacq.encoders import loading
-from dkacq.encoders.text_encoder import TextEncoder
+from dkacq.encoders.text_encoder import encode_texts
 from dkacq.formats.identity import digest
 from dkacq.formats.retrieval import RETRIEVAL_FILE, check_retrieval, finished_retrieval, retrieval_row, upsert_retrieval
-from dkacq.probe.retrieval_measures import DEPTH, Similarity, TopK, mean_measures, pool_ranking, query_measures
+from dkacq.probe.retrieval_measures import DEPTH, mean_measures, pool_ranking, query_measures
 
-BATCH = 64
-"""Texts per forward pass."""
 WINDOW = 4096
 """Passages read at once and sorted by length, so that a batch pads little."""
 
@@ -49,19 +48,6 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@torch.inference_mode()
-def _encode(encoder: TextEncoder, texts: list[str], layers: list[int]) -> torch.Tensor:
-    """``[len(layers), len(texts), dim]``, in the order given (batched longest first)."""
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    device = next(encoder.parameters()).device
-    out = torch.empty(len(layers), len(texts), encoder.hidden_size)
-    for start in range(0, len(order), BATCH):
-        rows = order[start : start + BATCH]
-        batch = {key: value.to(device) for key, value in encoder.tokenize([texts[i] for i in rows]).items()}
-        out[:, rows] = encoder(**batch)[layers].float().cpu()
-    return out
-
-
 def layer_retrieval(data, layers: list[int]) -> LayerRetrieval:
     """Retrieval measures of a collection's test queries at ``layers`` of ``data``'s encoder (a
     ``ProbeDataModule`` whose source is a collection), for each of :data:`SIMILARITIES`."""
@@ -73,7 +59,7 @@ def layer_retrieval(data, layers: list[int]) -> LayerRetrieval:
     judged = judged_queries(collection, options)
     queries = [query for query in judged.query_ids["test"] if query in judged.positives]
     query_encoder, passage_encoder = (encoder.to(_device()).eval() for encoder in loading.load_encoders(data.preset))
-    query_vectors = _encode(query_encoder, [judged.texts[query] for query in queries], layers)
+    query_vectors = encode_texts(query_encoder, [judged.texts[query] for query in queries], layers)
     keys = [(similarity, index) for similarity in SIMILARITIES for index in range(len(layers))]
 
     head = list(islice(collection.passages(), options.retrieval_limit + 1))
@@ -108,7 +94,7 @@ def _corpus_rankings(passages, query_vectors, encoder, layers, keys) -> dict[tup
     ids = [doc for doc, _ in passages]
     for start in range(0, len(passages), WINDOW):
         window = passages[start : start + WINDOW]
-        vectors = _encode(encoder, [text for _, text in window], layers)
+        vectors = encode_texts(encoder, [text for _, text in window], layers)
         rows = torch.arange(start, start + len(window))
         for (_, index), search in searches.items():
             search.add(vectors[index], rows)
@@ -126,7 +112,7 @@ def _pool_rankings(collection, judged, queries, query_vectors, encoder, layers, 
     texts = {doc: text for doc, text in collection.passages() if doc in needed}
     ids = sorted(texts)
     row = {doc: number for number, doc in enumerate(ids)}
-    vectors = _encode(encoder, [texts[doc] for doc in ids], layers)
+    vectors = encode_texts(encoder, [texts[doc] for doc in ids], layers)
     rankings = {}
     for similarity, index in keys:
         per_query = []

@@ -1,4 +1,4 @@
-"""How well each layer's untrained similarity retrieves: exact top-k search in chunks and the measures.
+"""How well each layer's untrained similarity retrieves: the measures of a ranking, and a pool's ranking.
 
 The similarity baselines (:mod:`dkacq.probe.baselines`) pick the positive among N shown passages; these
 rank a whole corpus (or each query's candidate pool) by the same similarity, as a retriever would, and
@@ -6,51 +6,22 @@ score the ranking with the judgements: nDCG@10 (gain = the grade of every passag
 ideal ranking from all of the query's judged passages, log2 discount, as trec_eval's ``ndcg_cut``),
 MRR@10 (1 / rank of the first passage at the relevance threshold in the top 10, else 0) and Recall@100
 (the share of the query's passages at the threshold found in the top 100). Pure torch and Python: the
-encoding that feeds it and the rows are in ``probe/retrieval.py``.
+encoding that feeds it and the rows are in ``probe/retrieval.py``, the corpus's exact search in
+``data/exact_search.py``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-import torch
 from torch import Tensor
 from torch.nn import functional
 
-Similarity = Literal["cosine", "dot"]
+from dkacq.data.exact_search import Similarity
+
 MEASURES = ("ndcg@10", "mrr@10", "recall@100")
 DEPTH = 100
 """Passages kept per query: the deepest cut of :data:`MEASURES`."""
-
-
-class TopK:
-    """The ``k`` highest-scoring passages of every query, over passages given in chunks (exact search:
-    a chunk's scores are merged with the kept ones by ``torch.topk``, so memory is ``queries x (k +
-    chunk)``; equal scores are ordered as ``topk`` orders them, the same on every run of one device)."""
-
-    def __init__(self, queries: Tensor, k: int = DEPTH, similarity: Similarity = "cosine"):
-        if similarity not in ("cosine", "dot"):
-            raise ValueError(f"unknown similarity '{similarity}'; choose cosine or dot")
-        self.similarity, self.k = similarity, k
-        self.queries = functional.normalize(queries.float(), dim=-1) if similarity == "cosine" else queries.float()
-        self.scores = torch.full((len(queries), 0), -math.inf, device=queries.device)
-        self.rows = torch.zeros((len(queries), 0), dtype=torch.long, device=queries.device)
-
-    def add(self, passages: Tensor, rows: Tensor) -> None:
-        """Score passages (``[C, d]``, their corpus rows ``[C]``) against every query."""
-        passages = passages.float().to(self.queries.device)
-        if self.similarity == "cosine":
-            passages = functional.normalize(passages, dim=-1)
-        scores = self.queries @ passages.T
-        rows = rows.to(scores.device).expand_as(scores)
-        scores, rows = torch.cat([self.scores, scores], dim=1), torch.cat([self.rows, rows], dim=1)
-        self.scores, order = scores.topk(min(self.k, scores.shape[1]), dim=1)  # a selection, not a sort
-        self.rows = rows.gather(1, order)
-
-    def ranking(self) -> list[list[int]]:
-        """Each query's passage rows, best first."""
-        return self.rows.cpu().tolist()
 
 
 def pool_ranking(query: Tensor, passages: Tensor, similarity: Similarity = "cosine") -> list[int]:

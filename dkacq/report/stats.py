@@ -13,7 +13,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,8 @@ class ProbeResult:
     fit_seconds: float | None = None
     early_stopping: str = ""
     cell_id: str = ""
+    data_fingerprint: str = ""
+    """The probe set's content hash: rows of two fingerprints were tested on different items."""
 
     @property
     def trained(self) -> bool:
@@ -158,6 +160,7 @@ def read_results(paths: Iterable[Path]) -> list[ProbeResult]:
                     fit_seconds=_optional(record, "fit_seconds", float),
                     early_stopping=(record.get("early_stopping") or "").strip(),
                     cell_id=(record.get("cell_id") or "").strip(),
+                    data_fingerprint=(record.get("data_fingerprint") or "").strip(),
                 )
             )
     known = (*METHODS, SHORTCUT)
@@ -236,7 +239,29 @@ def missing_comparison(results: Sequence[ProbeResult], base_model: str | None) -
         return f"no outcome files for base model {base_model}"
     if not shared & cells(base, outcomes_only=True) & cells(others, outcomes_only=True):
         return f"no outcome files for the models besides base model {base_model} at the layers they share"
+    probe_sets = {(*row.curve_key[:4], row.layer): row.data_fingerprint for row in base if has_outcomes(row)}
+    if all(
+        not same_items(probe_sets.get((*row.curve_key[:4], row.layer), ""), row) for row in others if has_outcomes(row)
+    ):
+        return f"base model {base_model} was tested on other items than the others (another probe set)"
     return None
+
+
+def same_items(fingerprint: str, row: ProbeResult) -> bool:
+    """Whether ``row`` was tested on the items of the probe set ``fingerprint`` (true where either is
+    unknown, as in tables written before the column): only such outcomes can be paired."""
+    return not fingerprint or not row.data_fingerprint or fingerprint == row.data_fingerprint
+
+
+@cache
+def _warn_unpaired(model: str, base_model: str, dataset: str) -> None:
+    log.warning(
+        "%s: %s and %s were tested on different probe sets (e.g. negatives mined with each model: name one "
+        "data.collection.dense_model); their McNemar tests are left out",
+        dataset,
+        model,
+        base_model,
+    )
 
 
 @lru_cache(maxsize=256)
@@ -280,8 +305,8 @@ def significance_vs_base(results: Sequence[ProbeResult], base_model: str, alpha:
     """Every model's McNemar p-value against ``base_model`` at each layer, with Bonferroni flags.
 
     Curves are compared within one (dataset, pooling, N, probe head); a layer counts where both the
-    model and the base have outcome files (:func:`has_outcomes`); :func:`missing_comparison` says why
-    there is none. The Bonferroni family of a curve is its compared layers.
+    model and the base have outcome files (:func:`has_outcomes`) of one probe set (:func:`same_items`;
+    else it is left out, with one warning); :func:`missing_comparison` says why there is none. The Bonferroni family of a curve is its compared layers.
     Groups without the base model give nothing. The shortcut (not at a layer) is never compared. Rows
     of one fitting mode are expected (:attr:`ProbeResult.fitting`): give each mode's rows separately.
     """
@@ -295,6 +320,10 @@ def significance_vs_base(results: Sequence[ProbeResult], base_model: str, alpha:
         if model == base_model or base is None:
             continue
         layers = sorted(set(by_layer) & set(base))
+        paired = [layer for layer in layers if same_items(base[layer].data_fingerprint, by_layer[layer])]
+        if len(paired) < len(layers):
+            _warn_unpaired(model, base_model, dataset)
+        layers = paired
         p_values = [
             mcnemar_exact(load_correct(by_layer[layer].predictions), load_correct(base[layer].predictions))
             for layer in layers
