@@ -43,6 +43,16 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def read_retrieval(path: Path) -> list[dict[str, str]]:
+    """The rows of a retrieval table, refused in one line when its header is not this format's."""
+    with open(path, newline="") as file:
+        header = next(csv.reader(file), [])
+    missing = [column for column in RETRIEVAL_COLUMNS if column not in header]
+    if missing:
+        raise DkacqError(f"{path}: not a dkacq retrieval table (no column {', '.join(missing)})")
+    return _read(Path(path))
+
+
 def retrieval_row(key: dict, identity: dict, values: dict) -> dict:
     """A row: its key columns, its measures and counts (``values``), and its identity."""
     return {**key, **values, "cell_id": digest(identity), "identity": canonical(identity)}

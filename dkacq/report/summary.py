@@ -25,6 +25,7 @@ from dkacq.report.neuron_overlap import DEFAULT_SHARE, overlap_pairs, run_overla
 from dkacq.report.plotting import FIGURE_FORMATS, save_figure
 from dkacq.report.probe_figures import plot_probe_curves
 from dkacq.report.published import PublishedDifference, compare_with_published
+from dkacq.report.retrieval_figures import plot_retrieval_curves, read_retrieval_results, retrieval_tables, scope_text
 from dkacq.report.similarity_figures import draw_what_changed, plot_comparison
 from dkacq.report.stats import (
     ProbeResult,
@@ -709,6 +710,55 @@ def _shared_neuron_sections(runs: list[AttributionRun], out_dir: Path, figure_fo
     return sections
 
 
+def _retrieval_sections(results_csvs: list[Path], out_dir: Path, figure_format: str) -> list[str]:
+    """Per collection, each probed layer's untrained similarity as a retriever (the ``retrieval.csv``
+    written beside a results table): a figure against the layer, and per curve its best layer and its
+    last layer."""
+    rows = read_retrieval_results(retrieval_tables(results_csvs))
+    if not rows:
+        return []
+    sections = [
+        "## Each layer as a retriever\n\n"
+        "The test queries rank passages by each layer's untrained similarity (the cached pooling; cosine and "
+        "dot product), scored with the judgements: nDCG@10, MRR@10, Recall@100 (`retrieval.csv`). Scope "
+        "`corpus`: every passage of the corpus ranked; `pool`: each query re-ranks its BM25 top 100 and its "
+        "judged passages, so Recall@100 counts only what BM25 or the judgements brought."
+    ]
+    for dataset in sorted({row.dataset for row in rows}):
+        group = [row for row in rows if row.dataset == dataset]
+        name = f"retrieval_{_slug(dataset)}.{figure_format}"
+        plot_retrieval_curves(group, out_dir / name, dataset, figure_format)
+        table = []
+        for curve in sorted({row.curve for row in group}, key=lambda c: (model_sort_key(c[1]), c[2], c[3])):
+            points = sorted((row for row in group if row.curve == curve), key=lambda row: row.layer)
+            best, last = max(points, key=lambda row: (row.ndcg, -row.layer)), points[-1]
+            table.append(
+                [
+                    curve[1],
+                    curve[2],
+                    curve[3],
+                    "/".join(sorted({row.scope for row in points})),
+                    best.layer,
+                    f"{best.ndcg:.3f}",
+                    f"{best.mrr:.3f}",
+                    f"{best.recall:.3f}",
+                    last.layer,
+                    f"{last.ndcg:.3f}",
+                    f"{last.mrr:.3f}",
+                    f"{last.recall:.3f}",
+                ]
+            )
+        header = ["model", "pooling", "similarity", "scope", "best layer", "nDCG@10", "MRR@10", "R@100"]
+        header += ["last layer", "nDCG@10", "MRR@10", "R@100"]
+        sections.append(
+            f"### {dataset}: {scope_text(group)}\n\n"
+            + _figure_link(f"retrieval measures per layer, {dataset}", name)
+            + "\n\n"
+            + _table(header, table)
+        )
+    return sections
+
+
 def write_report(
     results_csvs: list[Path],
     attribution_dirs: list[Path],
@@ -758,6 +808,7 @@ def write_report(
             )
         shortcut = _shortcut_section(rows)
         sections += [*([shortcut] if shortcut else []), _modes_section(rows, modes)]
+    sections += _retrieval_sections(results_csvs, out_dir, figure_format)
     if runs:
         sections += _attribution_sections(runs, out_dir, figure_format)
         sections += _shared_neuron_sections(runs, out_dir, figure_format)
