@@ -516,3 +516,24 @@ def test_nq_dpr_fetches_both_files_into_data_dir_and_prints_the_options(server, 
 )
 def test_space_separated_lists_are_joined(args, expected):
     assert dl.lists_joined(args) == expected
+
+
+def test_an_ir_datasets_id_is_fetched_by_ir_datasets_or_refused_in_one_line(tmp_path, capsys):
+    """ir_datasets' own reading of a registered collection (its BEIR classes over local files) is what
+    download asks for; a collection it cannot fetch, an unknown id and an unknown name are one line each."""
+    from conftest import make_collection, write_beir
+    from test_collections import register_ir_dataset
+
+    folder = write_beir(tmp_path / "beir", make_collection(num_docs=20, num_queries=4))
+    dataset_id = register_ir_dataset("dkacq-test/download/test", folder)
+    (item,) = dl.download(data=f"ir_datasets:{dataset_id}", progress=False)
+    assert item.name == f"ir_datasets {dataset_id}"
+    assert f"--data.source ir_datasets --data.dataset_id {dataset_id}" in capsys.readouterr().out
+    absent = register_ir_dataset("dkacq-test/download-absent/test", tmp_path / "never-fetched")
+    with pytest.raises(dl.DataUnavailableError, match="not in ir_datasets' cache") as error:
+        dl.download(data=f"ir_datasets:{absent}", progress=False)
+    assert "\n" not in str(error.value) and f"dkacq download --data ir_datasets:{absent}" in str(error.value)
+    with pytest.raises(dl.DataUnavailableError, match="no such data set id"):
+        dl.download(data="ir_datasets:no/such/id", progress=False)
+    with pytest.raises(ValueError, match="unknown data 'scifact'.*ir_datasets:<id>"):
+        dl.download(data="scifact")

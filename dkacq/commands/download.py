@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from datasets import config as datasets_config
 from datasets import load_dataset
@@ -37,13 +36,16 @@ from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNot
 from jsonargparse import auto_cli
 from tqdm.auto import tqdm
 
-from dkacq.data.examples import MSMARCO_CONFIG, MSMARCO_HUB_ID, MSMARCO_SPLITS, PUBLISHED_SPLITS
+from dkacq.data.collection import IrDatasetsCollection
+from dkacq.data.examples import MSMARCO_CONFIG, MSMARCO_HUB_ID, MSMARCO_SPLITS, PUBLISHED_SPLITS, ProbeDataError
 from dkacq.encoders.loading import ModelUnavailableError, hub_offline, resolve_model_path
 from dkacq.encoders.presets import PRESETS, ModelSource, split_control_label
 from dkacq.formats.atomic import human_bytes
 from dkacq.formats.errors import DkacqError
 
-DataName = Literal["nq-dpr", "msmarco", "published-nq", "published-msmarco"]
+DATA_NAMES = ("nq-dpr", "msmarco", "published-nq", "published-msmarco")
+IR_DATASETS = "ir_datasets:"
+"""``--data ir_datasets:<id>``: a collection fetched by ir_datasets into its own cache."""
 
 DPR_URL = "https://dl.fbaipublicfiles.com/dpr/data/retriever/"
 NQ_DPR_FILES = {"train": "biencoder-nq-adv-hn-train.json.gz", "test": "biencoder-nq-dev.json.gz"}
@@ -425,6 +427,32 @@ def fetch_hub_data(name: str) -> list[Fetched]:
     return fetched
 
 
+def data_names(names: list[str]) -> list[str]:
+    """The data names as given, checked before anything is fetched: one of :data:`DATA_NAMES` or
+    ``ir_datasets:<id>``."""
+    for name in names:
+        if name not in DATA_NAMES and not (name.startswith(IR_DATASETS) and name.removeprefix(IR_DATASETS)):
+            raise ValueError(f"unknown data '{name}'; choose any of {', '.join(DATA_NAMES)}, or ir_datasets:<id>")
+    return list(dict.fromkeys(names))
+
+
+def fetch_ir_dataset(dataset_id: str) -> list[Fetched]:
+    """The docs, queries and qrels of an ir_datasets id, fetched by ir_datasets itself into its cache
+    (``IR_DATASETS_HOME``), where ``--data.source ir_datasets`` reads them."""
+    try:
+        IrDatasetsCollection(dataset_id, "test").fetch()
+    except ProbeDataError as error:
+        raise DataUnavailableError(str(error)) from error
+    import ir_datasets
+
+    home = Path(ir_datasets.util.home_path())
+    parts = dataset_id.split("/")
+    where = next(
+        (home.joinpath(*parts[:n]) for n in range(len(parts), 0, -1) if home.joinpath(*parts[:n]).is_dir()), home
+    )
+    return [Fetched("data", f"ir_datasets {dataset_id}", str(where), _folder_size(where) if where.is_dir() else None)]
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 
@@ -460,7 +488,7 @@ def progress_bars(enabled: bool) -> Iterator[None]:
 
 def download(
     models: list[str] | str | None = None,
-    data: list[DataName] | DataName | None = None,
+    data: list[str] | str | None = None,
     data_dir: Path = Path("data/nq"),
     progress: bool = True,
 ) -> list[Fetched]:
@@ -475,12 +503,13 @@ def download(
             Presets whose weights come with a Python package (minilm, smollm-gguf) are checked, not
             downloaded.
         data: nq-dpr (DPR's NQ retriever files), msmarco (microsoft/ms_marco v1.1), published-nq or
-            published-msmarco (the authors' probe sets).
+            published-msmarco (the authors' probe sets), or ir_datasets:<id> (a collection's docs, queries
+            and qrels fetched by ir_datasets into its own cache, e.g. ir_datasets:beir/scifact/test).
         data_dir: where the nq-dpr files go.
         progress: show progress bars (also when HF_HUB_DISABLE_PROGRESS_BARS is set).
     """
     models = [models] if isinstance(models, str) else list(models or [])
-    data = [data] if isinstance(data, str) else list(dict.fromkeys(data or []))
+    data = data_names([data] if isinstance(data, str) else list(data or []))
     if not models and not data:
         raise ValueError("nothing to download: give --models (preset names, or all) and/or --data")
     repos, local = model_sources(models) if models else ([], [])  # unknown names fail before any download
@@ -495,6 +524,12 @@ def download(
             if name == "nq-dpr":
                 if _attempt(name, fetched, failures, fetch_nq_dpr, data_dir, progress):
                     usage.append(f"nq-dpr: {nq_dpr_options(data_dir)}")
+            elif name.startswith(IR_DATASETS):
+                dataset_id = name.removeprefix(IR_DATASETS)
+                if _attempt(name, fetched, failures, fetch_ir_dataset, dataset_id):
+                    usage.append(
+                        f"{name}: --data.source ir_datasets --data.dataset_id {dataset_id} --data.negatives bm25"
+                    )
             elif _attempt(name, fetched, failures, fetch_hub_data, name):
                 usage.append(f"{name}: {HUB_DATA[name].options}")
     print_summary(fetched, failures, usage)

@@ -250,9 +250,16 @@ class IrDatasetsCollection(Collection):
             raise ProbeDataError(
                 f"{self.name}: its {part} are not in ir_datasets' cache ({home}) and cannot be fetched "
                 f"({_one_line(error)}); fetch them once with the network: "
-                f"python -c \"import ir_datasets; ds = ir_datasets.load('{self.dataset_id}'); "
-                '[list(ds.docs_iter()[:1]), list(ds.queries_iter()), list(ds.qrels_iter())]"'
+                f"dkacq download --data ir_datasets:{self.dataset_id}"
             ) from error
+
+    def fetch(self) -> None:
+        """Everything the readers stream, into ir_datasets' own cache by its own downloads: the docs
+        (their first is read, which fetches the corpus), every query and every judgement."""
+        next(self._stream("docs"), None)
+        for part in ("queries", "qrels"):
+            for _ in self._stream(part):
+                pass
 
     def passages(self) -> Iterator[tuple[str, str]]:
         for doc in self._stream("docs"):
