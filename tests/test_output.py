@@ -21,7 +21,8 @@ from dkacq.cli import main
 from dkacq.commands import output
 
 HEADS, LAYERS, EPOCHS = ("concat", "query_aware"), range(3), 3
-RUN = "import sys; from dkacq.cli import main; main(sys.argv[1:])"
+DKACQ = Path(sys.executable).with_name("dkacq")
+"""The installed console script (``pip install -e .``), in the environment that runs the tests."""
 
 
 def _fit_args(model_dir: Path, folder: Path, *extra: str) -> list[str]:
@@ -32,11 +33,12 @@ def _fit_args(model_dir: Path, folder: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def fitted(tiny_bert_dir, tmp_path_factory):
-    """One ``dkacq fit`` of 2 heads x 3 layers, run as a user runs it (its own process, bars on): its
-    folder, stdout and stderr."""
+    """One ``dkacq fit`` of 2 heads x 3 layers, run as a user runs it: the installed ``dkacq`` script, end to
+    end (the one test that starts it; the others fork, ``tests/forked.py``), bars on: its folder, stdout and
+    stderr."""
     folder = tmp_path_factory.mktemp("fit")
     done = subprocess.run(
-        [sys.executable, "-c", RUN, *_fit_args(tiny_bert_dir, folder)],
+        [DKACQ, *_fit_args(tiny_bert_dir, folder)],
         cwd=folder,
         capture_output=True,
         text=True,

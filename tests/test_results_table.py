@@ -5,8 +5,8 @@ import csv
 
 import pytest
 import torch
+from forked import run
 
-from dkacq.cli import console
 from dkacq.formats.atomic import check_writable
 from dkacq.formats.errors import DkacqError
 from dkacq.formats.results import (
@@ -129,28 +129,22 @@ def test_a_conflict_says_what_differs_even_when_only_the_type_of_a_value_does(tm
         check_cells(path, [new])
 
 
-def test_fit_refuses_a_semicolon_table_before_any_work(tiny_bert_dir, probe_files, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
+def test_fit_refuses_a_semicolon_table_before_any_work(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
     monkeypatch.setattr("dkacq.encoders.loading.load_encoders", lambda *a, **k: pytest.fail("a model was loaded"))
-    run = tmp_path / "run"
-    run.mkdir()
+    folder = tmp_path / "run"
+    folder.mkdir()
     table = "dataset;model;pooling;num_passages;layer;probe;test_acc;cell_id\r\ntoy;m;mean;3;0;concat;0.5;x\r\n"
-    (run / "results.csv").write_bytes(table.encode())
+    (folder / "results.csv").write_bytes(table.encode())
     train, test = probe_files
     args = ["fit", "--data.encoder=bert-mean", f"--data.model={tiny_bert_dir}", "--data.dataset=toy"]
     args += ["--data.source=local", f"--data.train_file={train}", f"--data.test_file={test}"]
-    args += [f"--data.cache_dir={tmp_path / 'cache'}", f"--results.run_dir={run}"]
-    with pytest.raises(SystemExit) as exit:
-        console(args)
-    assert exit.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == (
-        f"dkacq: error: {run / 'results.csv'}: not a dkacq results table (its fields are separated by ';', "
+    args += [f"--data.cache_dir={tmp_path / 'cache'}", f"--results.run_dir={folder}"]
+    assert run(args, tmp_path).error() == (
+        f"{folder / 'results.csv'}: not a dkacq results table (its fields are separated by ';', "
         "dkacq's by ','); give dkacq another results.run_dir, or save it as dkacq wrote it"
     )
-    assert "Traceback" not in "\n".join(err)
-    assert (run / "results.csv").read_bytes() == table.encode()
-    assert sorted(path.name for path in run.iterdir()) == ["results.csv"]
+    assert (folder / "results.csv").read_bytes() == table.encode()
+    assert sorted(path.name for path in folder.iterdir()) == ["results.csv"]
     assert not (tmp_path / "cache").exists()
 
 
@@ -166,14 +160,11 @@ def test_fit_refuses_a_semicolon_table_before_any_work(tiny_bert_dir, probe_file
     ],
     ids=["header-only", "semicolons", "cut-in-last-field"],
 )
-def test_report_refuses_a_table_it_cannot_report_in_one_line(content, message, tmp_path, capsys):
+def test_report_refuses_a_table_it_cannot_report_in_one_line(content, message, tmp_path):
     path = tmp_path / "results.csv"
     path.write_bytes(content.encode())
-    with pytest.raises(SystemExit) as exit:
-        console(["report", f"--results={path}", f"--out_dir={tmp_path / 'report'}"])
-    assert exit.value.code == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"dkacq: error: {path}: ") and message in line
+    line = run(["report", f"--results={path}", f"--out_dir={tmp_path / 'report'}"], tmp_path).error()
+    assert line.startswith(f"{path}: ") and message in line
     assert not (tmp_path / "report").exists()
 
 

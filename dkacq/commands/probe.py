@@ -228,8 +228,8 @@ class ProbeCLI(LightningCLI):
 
     def todo(self) -> list[ProbeCell]:
         """The cells a fit runs: every cell planned and checked, this setting's config saved, the probe
-        set and cache built, and (with ``results.skip_finished``) those the table holds left out, said
-        once, here."""
+        set and cache built and the cache files the cells read checked, and (with
+        ``results.skip_finished``) those the table holds left out, said once, here."""
         cells = self.plan()
         output.checked()
         self._save_config()
@@ -240,6 +240,7 @@ class ProbeCLI(LightningCLI):
         )
         done = finished_ids(self.results.results_path) if self.results.skip_finished else set()
         todo = [cell for cell in cells if cell.id not in done]
+        data.open().check(cell.layer for cell in todo)
         if len(todo) < len(cells):
             skipped = len(cells) - len(todo)
             output.say(

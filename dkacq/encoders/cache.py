@@ -311,12 +311,23 @@ class EmbeddingCache:
     def hidden_size(self) -> int:
         return self.manifest["hidden_size"]
 
-    def _load(self, path: Path) -> dict[str, Tensor]:
-        """The file's tensors; its size is checked first, as it may have changed since the cache was opened."""
+    def check(self, layers: Iterable[int]) -> None:
+        """Check the index's and these layers' files now, as their first read would: a command checks the
+        files its cells will read before the first cell, so that a damaged one stops it in one line before
+        any probe is fitted rather than halfway. The sha256 is not computed again when a cell reads the
+        file; a cache larger than the page cache is read once more for it."""
+        for path in [self.folder / INDEX_FILE, *map(self._layer_file, sorted(set(layers)))]:
+            self._check(path)
+
+    def _check(self, path: Path) -> None:
         record = self.manifest["files"][path.name]
         check_size(self.folder, path.name, record)
         if self.verify:
             verify_file(self.folder, path.name, record)
+
+    def _load(self, path: Path) -> dict[str, Tensor]:
+        """The file's tensors; its size is checked first, as it may have changed since the cache was opened."""
+        self._check(path)
         try:
             return load_file(path)
         except SafetensorError as error:
@@ -333,10 +344,13 @@ class EmbeddingCache:
 
     def layer(self, layer: int) -> tuple[Tensor, Tensor]:
         """Query and passage vectors of one hidden state, as float32."""
+        tensors = self._load(self._layer_file(layer))
+        return tensors["queries"].float(), tensors["passages"].float()
+
+    def _layer_file(self, layer: int) -> Path:
         if not 0 <= layer < self.num_hidden_states:
             raise ValueError(f"{self.folder}: layer {layer} outside 0..{self.num_hidden_states - 1}")
-        tensors = self._load(layer_file(self.folder, layer))
-        return tensors["queries"].float(), tensors["passages"].float()
+        return layer_file(self.folder, layer)
 
 
 def compare_manifest(folder: Path, found: dict, request: dict) -> None:
