@@ -8,7 +8,11 @@ Measures, in one run on this machine:
 3. encoding passages at every hidden state with minilm (all-MiniLM-L6-v2, the offline preset), the
    retrieval measures' corpus pass, on English passages of 50-70 tokens (``sample_texts.py``);
 4. the exact search of the retrieval measures (``TopK``: every query against every passage, both
-   similarities, every hidden state) on random vectors of minilm's width.
+   similarities, every hidden state) on random vectors of minilm's width;
+5. dense mining end to end (``data.negatives dense`` with minilm: ``mining.dense_rankings``, the corpus
+   encoded at the last layer and saved in chunks, the queries encoded and searched exactly in saved
+   batches) over ``--dense`` passages of English text, split into the corpus's encoding, the queries'
+   encoding and the search.
 
 Each is printed per 100,000 passages (per 1,000 queries for search) and projected linearly to MS MARCO's
 8,841,823 passages with 6,980 dev queries. Run: ``python benchmarks/collection_costs.py [--passages N]``.
@@ -26,6 +30,8 @@ from sample_texts import SAMPLE_TEXTS
 
 from dkacq.data import mining
 from dkacq.data.exact_search import TopK
+from dkacq.datamodules.probe_sets import MiningEncoder
+from dkacq.encoders.presets import get_preset
 
 MSMARCO_PASSAGES, MSMARCO_QUERIES = 8_841_823, 6_980
 
@@ -46,6 +52,7 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=50_000)
     parser.add_argument("--queries", type=int, default=1_000)
     parser.add_argument("--encode", type=int, default=512, help="passages encoded for the encoding rate")
+    parser.add_argument("--dense", type=int, default=2_000, help="passages of the dense mining run")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     corpus = synthetic_corpus(args.passages)
@@ -64,7 +71,6 @@ def main() -> None:
         index_bytes = sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
     from dkacq.encoders import loading
-    from dkacq.encoders.presets import get_preset
 
     _, encoder = loading.load_encoders(get_preset("minilm"))
     encoder.eval()
@@ -86,6 +92,8 @@ def main() -> None:
             search.add(vectors, torch.arange(number * chunk, (number + 1) * chunk))
     exact = (time.perf_counter() - started) * layers / (chunks * chunk * args.queries)  # per passage and query
 
+    dense_encode, dense_query, dense_search, dense_dim = dense_mining(args.dense, queries)
+
     print(
         f"this machine: {torch.get_num_threads()} threads, corpus of {args.passages:,} passages, {args.queries:,} queries"
     )
@@ -97,13 +105,51 @@ def main() -> None:
     )
     print(f"minilm, every hidden state:  {1 / encoding:8.1f} passages/s -> {100_000 * encoding / 60:.1f} min per 100k")
     print(f"exact search, {layers} states x 2:  {exact * 100_000 * 1000:8.2f} s per 100k passages and 1,000 queries")
+    dense_per = 100_000 / args.dense
+    print(
+        f"dense mining (minilm, last layer, {args.dense:,} passages): corpus encoding {dense_encode * dense_per / 60:8.1f} min "
+        f"per 100k passages ({args.dense / dense_encode:.1f} passages/s; vectors {4 * dense_dim * 100_000 / 2**20:.0f} MiB per 100k); "
+        f"query encoding {dense_query * 1000 / args.queries:.1f} s per 1,000 queries; "
+        f"exact search {dense_search * dense_per * 1000 / args.queries:.2f} s per 1,000 queries per 100k passages"
+    )
     scale = MSMARCO_PASSAGES / 100_000
     print(
         f"MS MARCO (8.8M passages, {MSMARCO_QUERIES:,} queries), projected linearly: BM25 index "
         f"{indexing * per * scale / 3600:.2f} h, search {searching / args.queries * MSMARCO_QUERIES * (MSMARCO_PASSAGES / args.passages) / 3600:.2f} h "
         f"(search time grows with the corpus), minilm encoding {MSMARCO_PASSAGES * encoding / 3600:.1f} h on this CPU, "
-        f"exact search {exact * MSMARCO_PASSAGES * MSMARCO_QUERIES / 3600:.1f} h on this CPU"
+        f"exact search {exact * MSMARCO_PASSAGES * MSMARCO_QUERIES / 3600:.1f} h on this CPU; dense mining: corpus "
+        f"{dense_encode * MSMARCO_PASSAGES / args.dense / 3600:.1f} h, queries {dense_query * MSMARCO_QUERIES / args.queries / 60:.1f} min, "
+        f"search {dense_search * (MSMARCO_PASSAGES / args.dense) * (MSMARCO_QUERIES / args.queries) / 3600:.2f} h on this CPU"
     )
+
+
+class TimedEncoder(MiningEncoder):
+    """minilm's last layer as the dense mining model, with the seconds spent encoding each side."""
+
+    def __init__(self):
+        super().__init__(get_preset("minilm"))
+        self.seconds = {"query": 0.0, "passage": 0.0}
+
+    def encode(self, texts, side):
+        started = time.perf_counter()
+        vectors = super().encode(texts, side)
+        self.seconds[side] += time.perf_counter() - started
+        return vectors
+
+
+def dense_mining(count: int, queries: dict[str, str]) -> tuple[float, float, float, int]:
+    """Seconds of the corpus's encoding, the queries' encoding and the rest of the search (scan, exact
+    scoring, saving) of one dense mining run over ``count`` English passages, and the vectors' width."""
+    corpus = [(f"p{i}", SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]) for i in range(count)]
+    encoder = TimedEncoder()
+    encoder.encode(["warm up"], "passage")  # the model's loading is not mining
+    encoder.seconds = {"query": 0.0, "passage": 0.0}
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        mining.dense_rankings(lambda: iter(corpus), queries, Path(folder), 100, 1024, encoder)
+        total = time.perf_counter() - started
+    rest = total - encoder.seconds["passage"] - encoder.seconds["query"]
+    return encoder.seconds["passage"], encoder.seconds["query"], rest, encoder._encoders[1].hidden_size
 
 
 if __name__ == "__main__":

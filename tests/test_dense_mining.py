@@ -1,6 +1,7 @@
 """Dense negatives: a model's last layer over the whole corpus, against sentence-transformers' own ranking."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from dkacq.data.collection import CollectionOptions, beir_folder
 from dkacq.datamodules.probe_sets import MiningEncoder
 from dkacq.datamodules.texts import TextDataModule
 from dkacq.encoders.loading import weights_identity
-from dkacq.encoders.model_files import AutoEncoder
+from dkacq.encoders.model_files import AutoEncoder, ModelFilesError, similarity_of
 from dkacq.encoders.presets import ModelSource
 
 OPTIONS = CollectionOptions(negative_ranks=(2, 6), near_duplicate=None, num_negatives=4, query_batch=5)
@@ -99,7 +100,7 @@ def test_dense_negatives_are_the_rank_window_of_sentence_transformers_ranking(de
 def test_the_mining_model_is_part_of_the_probe_sets_identity(dense_case, tiny_bert_dir, tmp_path):
     """Through the command's own parser: a named mining model and the probed model's own last layer
     give two probe sets, stored apart, with the mining model's weights and settings in the provenance;
-    another similarity is another probe set and other cells; attribution's texts name their model."""
+    another similarity is another probe set and other cells; attribution's texts must name their model."""
     model, _, beir = dense_case
 
     def planned(**collection):
@@ -119,7 +120,7 @@ def test_the_mining_model_is_part_of_the_probe_sets_identity(dense_case, tiny_be
         return {cell.id for cell in build(options).plan()}
 
     named, own = planned(dense_model=str(model)), planned()
-    assert planned(dense_model=str(model), dense_similarity="cosine").isdisjoint(named)
+    assert planned(dense_model=str(model), dense_similarity="dot").isdisjoint(named)
     assert named.isdisjoint(own)
     manifests = {
         path.parent.name: json.loads(path.read_text())
@@ -131,6 +132,21 @@ def test_the_mining_model_is_part_of_the_probe_sets_identity(dense_case, tiny_be
         weights_identity(ModelSource(str(model)))["model"],
         weights_identity(ModelSource(str(tiny_bert_dir)))["model"],
     }
-    assert {m["provenance"]["negatives"]["similarity"] for m in manifests.values()} == {"dot", "cosine"}
+    # by default each model ranks as its authors do: the sentence-transformers folder by its own
+    # similarity function, the bare transformer (no such files) by dot product
+    from sentence_transformers import SentenceTransformer
+
+    similarities = Counter(m["provenance"]["negatives"]["similarity"] for m in manifests.values())
+    assert SentenceTransformer(str(model), device="cpu").similarity_fn_name == "cosine"
+    assert similarities == {"cosine": 1, "dot": 2}
     with pytest.raises(ValueError, match="needs data.collection.dense_model"):
         TextDataModule(dataset="toy", source="beir", path=str(beir), negatives="dense")
+
+
+def test_a_similarity_dkacq_does_not_rank_by_is_one_line(tmp_path):
+    (tmp_path / "modules.json").write_text("[]")
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "euclidean"}))
+    with pytest.raises(ModelFilesError, match="similarity_fn_name 'euclidean'.*data.collection.dense_similarity"):
+        similarity_of(str(tmp_path))
+    (tmp_path / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "dot"}))
+    assert similarity_of(str(tmp_path)) == "dot"

@@ -65,9 +65,10 @@ class CollectionOptions:
     folder read as ``data.encoder auto`` reads it (its own pooling, prompts, Normalize, token limits);
     default: the probed model itself. Name one for a study of several models, so that they share one
     probe set (docs/collections.md)."""
-    dense_similarity: Literal["dot", "cosine"] = "dot"
-    """``data.negatives dense``: how the mining model ranks (dot: as retrievers are trained; a model
-    with Normalize ranks the same by both)."""
+    dense_similarity: Literal["dot", "cosine"] | None = None
+    """``data.negatives dense``: how the mining model ranks; default: as its authors rank, the
+    ``similarity_fn_name`` of its sentence-transformers files, else cosine for a sentence-transformers
+    model, else dot product (a model with Normalize ranks the same by both)."""
     dense_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """``data.negatives dense``: the mining model's weights' dtype."""
     num_negatives: int = NUM_NEGATIVES
@@ -105,7 +106,7 @@ class CollectionOptions:
             raise ValueError(f"collection.retrieval_limit must be at least 1, got {self.retrieval_limit}")
         if self.query_batch < 1:
             raise ValueError(f"collection.query_batch must be at least 1, got {self.query_batch}")
-        if self.dense_similarity not in ("dot", "cosine"):
+        if self.dense_similarity not in (None, "dot", "cosine"):
             raise ValueError(f"collection.dense_similarity must be dot or cosine, got {self.dense_similarity!r}")
         if self.dense_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"collection.dense_dtype must be float32, bfloat16 or float16, got {self.dense_dtype!r}")

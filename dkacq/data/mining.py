@@ -67,7 +67,7 @@ class VectorEncoder(Protocol):
     """A dense mining model: its texts' vectors, the similarity it ranks by, the device it searches on,
     and ``identity``, everything that decides its vectors (weights, pooling, prefixes, lengths,
     normalisation, dtype) and its ranking (similarity), which names its saved vectors and goes into the
-    probe set's identity."""
+    probe set's identity; its ``similarity`` names the ranking alone, the rest the vectors."""
 
     identity: dict
     similarity: Similarity
@@ -112,6 +112,7 @@ def negatives(
     source's model.
     """
     check_source(source)
+    started = time.perf_counter()
     folder = work_folder(folder, collection_request)
     wanted = options.num_negatives * RESERVE
     if source in ("bm25", "dense"):
@@ -125,6 +126,11 @@ def negatives(
             corpus, ranked = dense_rankings(passages, queries, folder, last, options.query_batch, encoder)
             method = {"source": "dense", **encoder.identity}
         ranked = {query: found[first - 1 : last] for query, found in ranked.items()}
+        print(
+            f"mined {source} negatives of {len(queries):,} queries over {corpus['passages']:,} passages "
+            f"in {time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
     else:
         corpus, doc_ids = _scan(passages, folder)
         method = {"source": source}
@@ -171,7 +177,7 @@ def dense_rankings(
     """The corpus's digest and size, and each query's top ``depth`` passage ids by ``encoder``'s
     similarity (exact search over every passage), with the vectors and searches kept in ``folder``."""
     corpus, doc_ids, vectors = _dense_index(passages, folder, encoder)
-    run = _run_folder(vectors, "dense", queries, depth, batch)
+    run = _run_folder(vectors, f"dense-{encoder.similarity}", queries, depth, batch)
     rows = _search(run, queries, batch, lambda texts: _dense_retrieve(vectors, encoder, texts, depth, len(doc_ids)))
     return corpus, _passage_ids(doc_ids, rows)
 
@@ -342,9 +348,17 @@ def _retrieve(index, tokenizer, texts: list[str], depth: int) -> np.ndarray:
 def _dense_index(passages: Passages, folder: Path, encoder: VectorEncoder) -> tuple[dict, np.ndarray, Path]:
     """The corpus scan and its passages' vectors (``chunk_NNNNN.npy``), encoded in one pass over the corpus
     unless saved already; a chunk saved by a stopped pass is kept, not encoded again."""
-    vectors = folder / f"dense-{digest({'chunk': CHUNK, **encoder.identity}, 12)}"
+    encoding = {key: value for key, value in encoder.identity.items() if key != "similarity"}
+    vectors = folder / f"dense-{digest({'chunk': CHUNK, **encoding}, 12)}"
     if not ((vectors / "done.json").is_file() and (folder / "corpus.json").is_file()):
         vectors.mkdir(parents=True, exist_ok=True)
+        kept = len(list(vectors.glob("chunk_*.npy")))
+        print(
+            f"dense negatives: encoding the corpus into {vectors}"
+            + (f" ({kept} chunks of {CHUNK:,} kept from a stopped run)" if kept else "")
+            + "; a stopped run resumes after its last saved chunk",
+            flush=True,
+        )
         started = time.perf_counter()
 
         def encode(number: int, texts: list[str]) -> None:

@@ -21,7 +21,7 @@ from datasets import DatasetDict
 from dkacq.data.collection import COLLECTION_FORMATS, CollectionOptions
 from dkacq.data.storage import stored_probe_set
 from dkacq.encoders import loading
-from dkacq.encoders.model_files import AutoEncoder
+from dkacq.encoders.model_files import AutoEncoder, similarity_of
 from dkacq.encoders.presets import PRESETS, EncoderPreset, named_preset, split_control_label
 from dkacq.encoders.text_encoder import REFERENCE_PADDING, TextEncoder, encode_texts
 from dkacq.formats.identity import digest
@@ -35,7 +35,8 @@ class MiningEncoder:
     first text to encode (nothing is loaded when every vector and search is saved already), on the GPU
     when there is one, as the retrieval measures' search is."""
 
-    def __init__(self, preset: EncoderPreset, similarity: str = "dot", dtype: str = "float32"):
+    def __init__(self, preset: EncoderPreset, similarity: str | None = None, dtype: str = "float32"):
+        similarity = similarity or similarity_of(preset.query.model, preset.query.revision)
         self.preset, self.similarity, self.dtype = preset, similarity, dtype
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self._encoders: tuple[TextEncoder, TextEncoder] | None = None
@@ -43,8 +44,9 @@ class MiningEncoder:
     @cached_property
     def identity(self) -> dict:
         """What decides the vectors and the ranking: the exact weights of both towers (a hub commit or
-        the sha256 of a folder's files), every encoding setting, the dtype and the similarity; not the
-        label or the preset's name, which only name it."""
+        the sha256 of a folder's files), every encoding setting, the dtype and the similarity (its
+        value, not where it was read: the same ranking is the same probe set); not the label or the
+        preset's name, which only name it."""
         preset = self.preset
         settings = {
             key: value

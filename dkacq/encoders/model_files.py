@@ -126,6 +126,25 @@ def read_file_settings(model: str, revision: str | None = None) -> FileSettings:
     return FileSettings(found, lowercase, modules is not None)
 
 
+def similarity_of(model: str, revision: str | None = None) -> str:
+    """How the model's authors rank with it: ``similarity_fn_name`` of its
+    ``config_sentence_transformers.json``, else cosine for a sentence-transformers model (the library's
+    default), else dot product (a model without those files: DPR, Contriever and their kin are trained
+    with it). A similarity other than cosine or dot is refused in one line."""
+    folder = _files_folder(model, revision)
+    name = "config_sentence_transformers.json"
+    if _read_json(folder, "modules.json") is None:
+        return "dot"
+    given = (_read_json(folder, name) or {}).get("similarity_fn_name")
+    if given is None:
+        return "cosine"
+    if given not in ("cosine", "dot"):
+        raise ModelFilesError(
+            f"{folder / name}: similarity_fn_name {given!r} is not one dkacq ranks by; give data.collection.dense_similarity cosine or dot"
+        )
+    return given
+
+
 def _modules_settings(folder: Path, modules: Any) -> dict[str, tuple[Any, str]]:
     where = folder / "modules.json"
     if not isinstance(modules, list) or not all(isinstance(module, dict) for module in modules):
