@@ -89,8 +89,8 @@ def main(args: list[str] | None = None) -> None:
         kind = "option" if args[0].startswith("-") else "command"
         print(f"{PROG}: unknown {kind} '{args[0]}'\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    if args[1:] in (["-h"], ["--help"]) and args[0] in helptext.COMMANDS:
-        print(helptext.kept(args[0]) or helptext.keep(args[0]), end="")  # kept: without torch or Lightning
+    if args[1:] in (["-h"], ["--help"]):
+        print(helptext.text(args[0], COMMANDS[args[0]]), end="")  # shipped or kept: without torch
         raise SystemExit(0)
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
