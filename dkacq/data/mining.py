@@ -65,9 +65,9 @@ Passages = Callable[[], Iterator[tuple[str, str]]]
 
 class VectorEncoder(Protocol):
     """A dense mining model: its texts' vectors, the similarity it ranks by, the device it searches on,
-    and ``identity``, everything that decides its vectors (weights, pooling, prefixes, lengths,
-    normalisation, dtype) and its ranking (similarity), which names its saved vectors and goes into the
-    probe set's identity; its ``similarity`` names the ranking alone, the rest the vectors."""
+    and ``identity``: everything that decides its vectors (weights, pooling, prefixes, lengths,
+    normalisation, dtype) and, under ``similarity``, its ranking. The identity less the similarity names
+    the saved vectors (shared by both similarities), the whole of it the method's record."""
 
     identity: dict
     similarity: Similarity
