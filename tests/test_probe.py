@@ -323,5 +323,5 @@ def test_edited_source_file_rebuilds_the_probe_set_and_refuses_the_old_cache(tmp
     edited = _data(tmp_path, probe_files, model=str(tiny_bert_dir))
     probe_set, _ = edited.load_probe_set()
     assert len(probe_set["train"]) == len(lines) - 1
-    with pytest.raises(CacheMismatchError, match="data_fingerprint"):
+    with pytest.raises(CacheMismatchError, match="data_fingerprint.*another data.dataset name"):
         edited.prepare_data()

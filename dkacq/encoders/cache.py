@@ -359,7 +359,8 @@ def compare_manifest(folder: Path, found: dict, request: dict) -> None:
         if found.get(key) != wanted:
             raise CacheMismatchError(
                 f"{folder}: cache was built with {key}={found.get(key)!r} but {key}={wanted!r} was requested; "
-                f"delete the folder or choose another cache_dir"
+                "delete the folder or choose another cache_dir"
+                + (" (or, for other data, another data.dataset name)" if key == "data_fingerprint" else "")
             )
 
 
