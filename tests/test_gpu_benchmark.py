@@ -4,12 +4,11 @@ The oracle comparisons of test_ig.py run here with ``compile="aot_eager"``: dyna
 with its replica hooks and AOTAutograd builds the compiled forward and backward, which is where the
 compiled path can go wrong (a hook left out of a graph, a gradient that does not reach the probe), but
 the graphs run on the eager kernels, so the tolerances stay test_ig's. Inductor's C++ compilation takes
-minutes per model on a small CPU; it is checked once per family, against the eager path.
+minutes per model on a small CPU; it is checked once, on Llama, against the eager path.
 """
 
+import importlib.util
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -65,7 +64,7 @@ def test_compiled_scores_equal_the_published_loop(request, family, pooling, side
         assert_relatively_close(scores[name], value, 1e-9)
 
 
-@pytest.mark.parametrize("replicas_per_pass", [1, 2, 7, 100])
+@pytest.mark.parametrize("replicas_per_pass", [1, 2, 7])
 def test_compiled_splits_change_nothing(tiny_llama_preset, replicas_per_pass):
     encoder = encoder_for(tiny_llama_preset)
     batch = padded_batch(encoder, TEXTS, "left")
@@ -146,11 +145,12 @@ def test_hooks_of_the_compiled_path_are_removed_and_parameters_restored(tiny_lla
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_inductor_scores_and_active_counts_equal_the_eager_path(request, family):
-    """The real backend, on the float32 models as dkacq loads them (Llama's RMSNorm, float32 inside
-    whatever the model's dtype, is where inductor's fused arithmetic rounds differently)."""
-    preset = request.getfixturevalue(f"tiny_{family}_preset")
+def test_inductor_scores_and_active_counts_equal_the_eager_path(tiny_llama_preset):
+    """The real backend, on the float32 model as dkacq loads it. Llama, the family the compiled path is
+    for (RepLlama on a GPU): its RMSNorm, float32 inside whatever the model's dtype, is where inductor's
+    fused arithmetic rounds differently. Inductor's C++ build of a second family would add a quarter
+    minute for no other kind of graph (the aot_eager tests above trace every family)."""
+    preset = tiny_llama_preset
     encoder, _ = load_encoders(preset)
     batch = padded_batch(encoder, TEXTS, "left")
     targets = find_targets(encoder.transformer)
@@ -182,29 +182,18 @@ def parse_table(output: str) -> dict[tuple[str, str, str], dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_gpu_benchmark_runs_its_tiny_shapes_on_the_cpu():
+def test_gpu_benchmark_runs_its_tiny_shapes_on_the_cpu(capsys):
     """The plumbing, fast: dynamo's graphs run as traced (the compiled numbers are checked above)."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/gpu_attribution.py",
-            "--tiny",
-            "--backend",
-            "eager",
-            "--steps",
-            "4",
-            "--layers",
-            "2",
-            "--replicas-per-pass",
-            "4",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    output = result.stdout
+    spec = importlib.util.spec_from_file_location("gpu_attribution", ROOT / "benchmarks" / "gpu_attribution.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    threads = torch.get_num_threads()
+    try:  # in this process: the benchmark's imports are the suite's (a subprocess would spend seconds on them)
+        benchmark.main(["--tiny", "--backend", "eager", "--steps", "4", "--layers", "2", "--replicas-per-pass", "4"])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()  # the benchmark's graphs do not count against later tests' recompile limits
+    output = capsys.readouterr().out
     rate = float(re.search(r"matmul rate: ([\d.e+-]+) TFLOP/s", output).group(1))
     assert rate > 0
     assert len(re.findall(r"useful work ([\d.e+-]+) TFLOP per text", output)) == 2
