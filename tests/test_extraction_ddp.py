@@ -20,7 +20,7 @@ from dkacq.encoders.loading import load_encoders
 
 REQUEST = {"model": "tiny", "pooling": "preset's"}
 BATCH_SIZE = 8
-TWO_PROCESSES = dict(accelerator="cpu", devices=2, strategy="ddp_spawn")
+TWO_PROCESSES = dict(accelerator="cpu", devices=2, strategy="ddp_fork")
 
 
 @pytest.fixture(scope="module")
