@@ -13,6 +13,7 @@ script itself, once.
 
 import importlib
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -28,7 +29,8 @@ import torch
 from dkacq.cli import COMMANDS, console
 
 STARTING = ("Seed set to", "[rank: 0] Seed set to", "GPU available:", "SLURM auto-requeueing enabled")
-"""Lightning's lines when a command's work starts (the last when it runs under SLURM)."""
+STARTING += ("Initializing distributed:", "---", "distributed_backend=", "All distributed processes registered", "")
+"""Lightning's lines when a command's work starts (under SLURM, and on several ranks, each trainer)."""
 
 
 @dataclass
@@ -71,10 +73,12 @@ def run(
     before: Callable[[], None] | None = None,
     entry: Callable[[list[str]], None] = console,
     timeout: float = 120,
+    group: bool = False,
 ) -> Finished:
     """Run ``dkacq ARGS`` in a forked process, in ``cwd`` with ``env`` added to its environment (a None value
-    removes the variable); when ``when(stdout so far)`` first holds, send it ``signum``. ``before`` runs in
-    the child first (to hide a package); ``entry`` is what the installed script calls."""
+    removes the variable); when ``when(stdout so far)`` first holds, send it ``signum`` (with ``group``, to
+    its process group: it and the ranks it starts, as a scheduler signals every process of a job).
+    ``before`` runs in the child first (to hide a package); ``entry`` is what the installed script calls."""
     for command in [arg for arg in args if arg in COMMANDS][:1]:  # imported here once, not in every child
         importlib.import_module(f"dkacq.commands.{COMMANDS[command]}")
         importlib.import_module("dkacq.commands.stopping")
@@ -83,6 +87,8 @@ def run(
         stream.flush()
     pid = os.fork()
     if pid == 0:
+        if group:
+            os.setpgrp()
         _child(args, cwd, env or {}, out, err, before, entry)
     try:
         deadline, signalled, status = time.monotonic() + timeout, when is None, None
@@ -93,7 +99,7 @@ def run(
             elif time.monotonic() > deadline:
                 raise AssertionError(f"dkacq {' '.join(args)} ran over {timeout} s; stderr: {_read(err)}")
             elif not signalled and when(_read(out)):
-                os.kill(pid, signum)
+                (os.killpg if group else os.kill)(pid, signum)
                 signalled = True
             else:
                 time.sleep(0.02)
@@ -101,7 +107,7 @@ def run(
         return Finished(status, _read(out), _read(err))
     finally:
         if status is None:
-            os.kill(pid, signal.SIGKILL)
+            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
         out.unlink(missing_ok=True)
         err.unlink(missing_ok=True)
@@ -136,6 +142,7 @@ def _logging_as_in_a_new_process(captured_stdout) -> None:
 def _child(args, cwd, env, out: Path, err: Path, before, entry) -> None:
     """The forked process: never returns (``os._exit``), whatever happens."""
     code = 1
+    multiprocessing.process._children.clear()  # the test process's, not this one's (as multiprocessing does)
     try:
         captured_stdout = sys.stdout
         for fd, path in ((1, out), (2, err)):
@@ -169,5 +176,10 @@ def _child(args, cwd, env, out: Path, err: Path, before, entry) -> None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
+            for child in multiprocessing.active_children():  # as the interpreter's exit: ranks a spawning
+                if child.daemon:  # strategy started finish, daemons (DataLoader workers) are ended
+                    child.terminate()
+            for child in multiprocessing.active_children():
+                child.join()
         finally:
             os._exit(code)

@@ -28,7 +28,7 @@ def slow_batches(monkeypatch):
     def start(self, trainer, *args, **kwargs):
         stopping.STATE.in_batch = True
         print(f"batch of {trainer.state.stage.value}", flush=True)
-        time.sleep(0.2)
+        time.sleep(0.2 / trainer.world_size)
 
     for hook in ("on_train_batch_start", "on_predict_batch_start"):
         monkeypatch.setattr(stopping.StopAtBatchEnd, hook, start)
@@ -131,3 +131,24 @@ def test_attribute_stopped_by_sigterm_resumes_to_the_uninterrupted_counts(
     assert expected.keys() == resumed.keys()
     for key, value in expected.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_a_fit_on_two_ranks_stopped_in_a_cell_resumes_to_an_uninterrupted_run_on_two(
+    tiny_bert_dir, fitted, tmp_path, slow_batches
+):
+    """Two CPU ranks (gloo, forked by Lightning's ``ddp_fork``), signalled together as a scheduler signals
+    a job: the ranks stop at the same step, the cell in progress is fitted again on the rerun."""
+    data, _ = fitted
+    two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_fork", "--data.layers=[0,2]"]
+    two.append(f"--data.cache_dir={tmp_path / 'cache'}")  # one cache for both runs
+    whole, stopped = (_fit_args(tiny_bert_dir, data, tmp_path / name) + two for name in ("whole", "stopped"))
+    run(whole, tmp_path).succeeded()
+    done = run(
+        stopped, tmp_path, when=lambda out: "[1/2] " in out and "batch of train" in out.split("[1/2] ")[1], group=True
+    )
+    assert done.stopped(signal.SIGTERM) == (
+        f"dkacq: stopped by SIGTERM: 1 of 2 probe cells done, each recorded in {tmp_path / 'stopped/run/results.csv'}; "
+        "run the same command again to resume"
+    )
+    assert "1 of 2 cells skipped" in run(stopped, tmp_path).succeeded()
+    assert _rows(tmp_path / "stopped") == _rows(tmp_path / "whole")

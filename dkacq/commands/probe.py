@@ -373,6 +373,8 @@ def fit_settings(clis: list[ProbeCLI], ckpt_path: str | None = None, share_layer
         shutil.rmtree(parent._checkpoint_folder(cell), ignore_errors=True)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path, **kwargs)
         metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best", verbose=False)
+        if not hasattr(cli.datamodule, "datasets"):  # set up in the ranks a spawning strategy started, not here
+            cli.datamodule.setup("test")
         record_layer_baselines(cli.datamodule, parent.results.run_dir, done[id(parent)], parent.results.config_file)
         return metrics
 
