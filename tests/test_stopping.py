@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from dkacq.cli import main
 from dkacq.commands import stopping
+from dkacq.encoders import extraction
 from dkacq.formats.counts import read_segments
 
 
@@ -133,22 +134,31 @@ def test_attribute_stopped_by_sigterm_resumes_to_the_uninterrupted_counts(
         assert torch.equal(resumed[key], value), key
 
 
-def test_a_fit_on_two_ranks_stopped_in_a_cell_resumes_to_an_uninterrupted_run_on_two(
-    tiny_bert_dir, fitted, tmp_path, slow_batches
+def test_a_fit_on_two_ranks_stopped_in_its_cache_build_resumes_to_an_uninterrupted_build(
+    tiny_bert_dir, fitted, tmp_path, slow_batches, monkeypatch
 ):
-    """Two CPU ranks (gloo, forked by Lightning's ``ddp_fork``), signalled together as a scheduler signals
-    a job: the ranks stop at the same step, the cell in progress is fitted again on the rerun."""
-    data, _ = fitted
-    two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_fork", "--data.layers=[0,2]"]
-    two.append(f"--data.cache_dir={tmp_path / 'cache'}")  # one cache for both runs
-    whole, stopped = (_fit_args(tiny_bert_dir, data, tmp_path / name) + two for name in ("whole", "stopped"))
-    run(whole, tmp_path).succeeded()
-    done = run(
-        stopped, tmp_path, when=lambda out: "[1/2] " in out and "batch of train" in out.split("[1/2] ")[1], group=True
+    """Two CPU ranks (gloo) that Lightning's ``ddp_fork`` starts, signalled as a scheduler signals a job
+    (every process): each rank stops at the end of its batch, and the rerun encodes only what was not
+    recorded. (A rank started this way records its batches every ``commit_seconds``, not when stopped:
+    Lightning calls the callbacks' ``on_exception`` in the launching process only. Here it records each
+    batch.)"""
+    monkeypatch.setattr(extraction.LayerRowWriter, "commit_seconds", 0.0)
+    data, reference = fitted
+    two = ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp_fork", "--data.layers=[2]"]
+    args = _fit_args(tiny_bert_dir, data, tmp_path) + two
+    done = run(args, tmp_path, when=lambda out: _batches(out, "predict") == 2, group=True)
+    line = done.stopped(signal.SIGTERM)
+    assert re.fullmatch(
+        r"dkacq: stopped by SIGTERM: the embedding cache .* was being built: \d+ of 11 batches .*", line
     )
-    assert done.stopped(signal.SIGTERM) == (
-        f"dkacq: stopped by SIGTERM: 1 of 2 probe cells done, each recorded in {tmp_path / 'stopped/run/results.csv'}; "
-        "run the same command again to resume"
-    )
-    assert "1 of 2 cells skipped" in run(stopped, tmp_path).succeeded()
-    assert _rows(tmp_path / "stopped") == _rows(tmp_path / "whole")
+    begun = _batches(done.stdout, "predict")
+    assert not (tmp_path / "run" / "results.csv").exists()
+    stdout = run(args, tmp_path).succeeded()  # the cache, then the cell on two ranks
+    assert _batches(stdout, "predict") == 11 - begun  # each batch begun was finished and recorded
+    assert _cache_files(tmp_path) == _cache_files(reference)
+    assert [(row["layer"], row["probe"]) for row in _rows(tmp_path) if row["probe"] == "concat"] == [("2", "concat")]
+
+
+def _cache_files(folder: Path) -> dict[str, bytes]:
+    (cache,) = (path for path in (folder / "cache/toy").glob("bert-mean*") if path.is_dir())
+    return {path.name: path.read_bytes() for path in cache.glob("*.safetensors")}
