@@ -4,13 +4,11 @@ and byte for byte, as one process's uninterrupted build; a partial build is resu
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 from conftest import write_probe_files
+from forked import run
 
 from dkacq.data.examples import load_probe_set
 from dkacq.encoders import extraction
@@ -235,48 +233,23 @@ def test_partial_files_that_do_not_fit_are_started_over(
         assert_same_cache(cache.folder, expected)
 
 
-CHILD = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-os.environ["HF_HUB_OFFLINE"] = "1"
-from dkacq.data.examples import load_probe_set
-from dkacq.encoders import extraction
-from dkacq.encoders.loading import load_encoders
-from dkacq.encoders.presets import EncoderPreset, ModelSource
-
-source = ModelSource({model!r})
-preset = EncoderPreset("tiny-bert", "tiny-bert", query=source, passage=source, pooling="mean",
-                       query_max_length=16, passage_max_length=32)
-extraction.LayerRowWriter.commit_seconds = 0.0
-write = extraction.LayerRowWriter.on_predict_batch_end
-
-def killing(writer, trainer, pl_module, outputs, batch, *args):
-    write(writer, trainer, pl_module, outputs, batch, *args)
-    if len(writer.done) == {batches}:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-extraction.LayerRowWriter.on_predict_batch_end = killing
-query_encoder, passage_encoder = load_encoders(preset)
-extraction.build_cache({folder!r}, {request!r}, query_encoder, passage_encoder, load_probe_set("local", *{files!r}),
-                       {batch_size}, "32-true")
-"""
-
-
-def test_killed_build_resumes(bert_reference, tmp_path, monkeypatch, probe_set, probe_files, tiny_bert_dir):
-    """kill -9 in the middle of a build: what was recorded is kept, and only the rest is encoded."""
+def test_killed_build_resumes(bert_reference, tmp_path, monkeypatch, probe_set):
+    """kill -9 in the middle of a build (a process of its own, ``tests/forked.py``): what was recorded is
+    kept, and only the rest is encoded."""
     preset, expected = bert_reference
     folder = tmp_path / "cache"
-    script = CHILD.format(
-        tests=os.path.dirname(__file__),
-        model=str(tiny_bert_dir),
-        batches=6,
-        folder=str(folder),
-        request=REQUEST,
-        files=list(probe_files),
-        batch_size=BATCH_SIZE,
-    )
-    child = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, timeout=600)
-    assert child.returncode == -signal.SIGKILL, child.stderr.decode()[-3000:]
+    write = extraction.LayerRowWriter.on_predict_batch_end
+
+    def killing(writer, trainer, pl_module, outputs, batch, *args):
+        write(writer, trainer, pl_module, outputs, batch, *args)
+        if len(writer.done) == 6:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(extraction.LayerRowWriter, "commit_seconds", 0.0)
+        patch.setattr(extraction.LayerRowWriter, "on_predict_batch_end", killing)
+        child = run([], entry=lambda args: _build(folder, preset, probe_set))
+    assert child.code == -signal.SIGKILL, child.stderr[-3000:]
     assert not folder.exists()
     passes = _count_passes(monkeypatch)
     cache = _build(folder, preset, probe_set)
