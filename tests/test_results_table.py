@@ -129,7 +129,7 @@ def test_a_conflict_says_what_differs_even_when_only_the_type_of_a_value_does(tm
         check_cells(path, [new])
 
 
-def test_fit_refuses_a_semicolon_table_before_any_work(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
+def test_fit_refuses_a_semicolon_or_read_only_table_before_any_work(tiny_bert_dir, probe_files, tmp_path, monkeypatch):
     monkeypatch.setattr("dkacq.encoders.loading.load_encoders", lambda *a, **k: pytest.fail("a model was loaded"))
     folder = tmp_path / "run"
     folder.mkdir()
@@ -146,6 +146,14 @@ def test_fit_refuses_a_semicolon_table_before_any_work(tiny_bert_dir, probe_file
     assert (folder / "results.csv").read_bytes() == table.encode()
     assert sorted(path.name for path in folder.iterdir()) == ["results.csv"]
     assert not (tmp_path / "cache").exists()
+
+    table = table.replace(";", ",").encode()  # dkacq's, but read-only
+    (folder / "results.csv").write_bytes(table)
+    (folder / "results.csv").chmod(0o444)
+    assert run(args, tmp_path).error() == (
+        f"{folder / 'results.csv'}: read-only (mode 444); make it writable (chmod u+w) or choose another place"
+    )
+    assert (folder / "results.csv").read_bytes() == table and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize(
