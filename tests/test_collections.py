@@ -267,6 +267,7 @@ def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_p
         "--data.batch_size=16",
         "--data.val_fraction=0.2",
         "--data.collection.num_negatives=2",
+        "--heads=[concat]",
         "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false",
         "--results.run_dir=run",

@@ -62,7 +62,7 @@ def test_report_tables_the_best_and_last_layer_of_each_curve(tmp_path):
     run = tmp_path / "run"
     results = write_table(run, [{"model": "minilm", "layer": 1, "test_acc": 0.5, "pooling": "mean"}])
     write_retrieval(run)
-    text = write_report([results], [], tmp_path / "report").read_text()
+    text = write_report([results], [], tmp_path / "report", published_overlay=False).read_text()
     section = text[text.index("## Each layer as a retriever") :]
     assert "### scifact: over the whole corpus (300 test queries, corpus of 5,183 passages)" in section
     assert "![retrieval measures per layer, scifact](retrieval_scifact.png)" in section
