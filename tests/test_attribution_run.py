@@ -191,7 +191,7 @@ def _counts_of(tmp_path, name, preset, probe_files, devices):
     trainer = Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy="ddp_fork" if devices > 1 else "auto",  # ranks forked from this process: no new interpreters
         inference_mode=False,
         logger=False,
         enable_progress_bar=False,
