@@ -138,7 +138,7 @@ def free_port() -> int:
 
 def test_two_processes_count_what_one_counts(tmp_path):
     result_file = str(tmp_path / "counts.pt")
-    mp.spawn(_count_half, args=(free_port(), result_file), nprocs=2, join=True)
+    mp.start_processes(_count_half, args=(free_port(), result_file), nprocs=2, start_method="fork")
     targets = make_targets()
     metric = ActiveNeuronCounts(targets, THRESHOLDS, text_capacity=10)
     metric.update(random_scores(targets, 10, seed=3))

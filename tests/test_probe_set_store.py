@@ -191,7 +191,7 @@ def test_two_processes_storing_at_once_build_one_complete_probe_set(tmp_path, lo
     rows, paths = local_files
     folder = tmp_path / "cache" / "probe_set"
     builds = tmp_path / "builds.txt"
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")
     barrier = context.Barrier(2)
     results = [tmp_path / f"result-{i}.txt" for i in range(2)]
     processes = [
