@@ -224,3 +224,19 @@ def attributed(tiny_bert_dir, tmp_path_factory) -> tuple[tuple[str, str], Path]:
     data = write_probe_files(folder, num_train=12, num_test=12)
     main(attribute_args(tiny_bert_dir, data, folder))
     return data, folder / "run"
+
+
+@pytest.fixture
+def fork_context(monkeypatch):
+    """multiprocessing's fork context, for tests of two processes: a forked child starts at once, where a
+    spawned one spends seconds importing torch and Lightning again (``strategy="ddp_fork"`` forks too).
+
+    A forked child that enters the OpenMP pool its parent has used hangs, so while the test runs the parent
+    computes on one thread and ``OMP_NUM_THREADS=1`` keeps Lightning from raising the children's count."""
+    import multiprocessing
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield multiprocessing.get_context("fork")
+    torch.set_num_threads(threads)

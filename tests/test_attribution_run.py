@@ -201,7 +201,7 @@ def _counts_of(tmp_path, name, preset, probe_files, devices):
 
 
 @pytest.mark.slow
-def test_two_processes_count_what_one_does(tmp_path, probe_files, tiny_llama_preset):
+def test_two_processes_count_what_one_does(tmp_path, probe_files, tiny_llama_preset, fork_context):
     one = _counts_of(tmp_path, "one", tiny_llama_preset, probe_files, devices=1)
     two = _counts_of(tmp_path, "two", tiny_llama_preset, probe_files, devices=2)
     assert int(one["num_texts"]) == int(two["num_texts"]) == 9

@@ -1,6 +1,5 @@
 """Two processes on one results table or one cache folder never lose or corrupt anything."""
 
-import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -15,9 +14,9 @@ def _write_rows(path: str, worker: int, count: int) -> None:
 
 
 @pytest.mark.slow
-def test_concurrent_upserts_lose_no_row(tmp_path):
+def test_concurrent_upserts_lose_no_row(tmp_path, fork_context):
     path = tmp_path / "results.csv"
-    context = multiprocessing.get_context("fork")
+    context = fork_context
     workers = [context.Process(target=_write_rows, args=(str(path), worker, 40)) for worker in range(3)]
     for worker in workers:
         worker.start()
@@ -33,12 +32,8 @@ def test_concurrent_upserts_lose_no_row(tmp_path):
 
 
 def _prepare(options: dict, queue) -> None:
-    import torch
-
     from dkacq.datamodules.probe import ProbeDataModule
     from dkacq.encoders import extraction
-
-    torch.set_num_threads(1)  # forked, as a DataLoader worker: the test process's thread pool is not its own
 
     builds = []
     original = extraction.build_cache
@@ -56,7 +51,7 @@ def _prepare(options: dict, queue) -> None:
 
 
 @pytest.mark.slow
-def test_two_processes_building_one_cache_build_it_once(tmp_path, probe_files, tiny_bert_dir):
+def test_two_processes_building_one_cache_build_it_once(tmp_path, probe_files, tiny_bert_dir, fork_context):
     train, test = probe_files
     options = dict(
         encoder="bert-mean",
@@ -69,7 +64,7 @@ def test_two_processes_building_one_cache_build_it_once(tmp_path, probe_files, t
         batch_size=16,
         val_fraction=0.25,
     )
-    context = multiprocessing.get_context("fork")
+    context = fork_context
     queue = context.Queue()
     workers = [context.Process(target=_prepare, args=(options, queue)) for _ in range(2)]
     for worker in workers:

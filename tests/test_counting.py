@@ -136,7 +136,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_count_what_one_counts(tmp_path):
+def test_two_processes_count_what_one_counts(tmp_path, fork_context):
     result_file = str(tmp_path / "counts.pt")
     mp.start_processes(_count_half, args=(free_port(), result_file), nprocs=2, start_method="fork")
     targets = make_targets()

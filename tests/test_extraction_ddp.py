@@ -123,7 +123,7 @@ def _num_batches(folder) -> int:
     return sum(-(-manifest[key] // BATCH_SIZE) for key in ("num_queries", "num_passages"))
 
 
-def test_two_processes_build_the_same_bytes_as_one(built, tiny_llama_preset, tmp_path, probe_set):
+def test_two_processes_build_the_same_bytes_as_one(built, tiny_llama_preset, tmp_path, probe_set, fork_context):
     """(The BERT family is built on two processes in the test after this one.)"""
     preset, expected = tiny_llama_preset, built(tiny_llama_preset)
     started = time.perf_counter()
@@ -153,7 +153,9 @@ def test_interrupted_build_encodes_only_the_batches_left(reference, tmp_path, mo
     assert [path.name for path in tmp_path.iterdir()] == ["cache"]
 
 
-def test_build_interrupted_on_one_process_resumes_on_two(bert_reference, tmp_path, monkeypatch, probe_set):
+def test_build_interrupted_on_one_process_resumes_on_two(
+    bert_reference, tmp_path, monkeypatch, probe_set, fork_context
+):
     preset, expected = bert_reference
     _interrupted_build(tmp_path / "cache", preset, probe_set, monkeypatch, batches=9)
     cache = _build(tmp_path / "cache", preset, probe_set, **TWO_PROCESSES)

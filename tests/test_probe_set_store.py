@@ -3,7 +3,6 @@
 import hashlib
 import json
 import logging
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -187,11 +186,11 @@ def _store_at_once(folder: str, train: str, test: str, barrier, builds: str, res
 
 
 @pytest.mark.slow
-def test_two_processes_storing_at_once_build_one_complete_probe_set(tmp_path, local_files):
+def test_two_processes_storing_at_once_build_one_complete_probe_set(tmp_path, local_files, fork_context):
     rows, paths = local_files
     folder = tmp_path / "cache" / "probe_set"
     builds = tmp_path / "builds.txt"
-    context = multiprocessing.get_context("fork")
+    context = fork_context
     barrier = context.Barrier(2)
     results = [tmp_path / f"result-{i}.txt" for i in range(2)]
     processes = [
