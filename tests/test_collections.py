@@ -211,6 +211,8 @@ def test_local_files_by_another_path_spelling_are_not_rebuilt(tmp_path, monkeypa
             r"test.tsv: line 2 field 'grade' is not an integer",
         ),
         ("qrels/test.tsv", "q0\td0\n", r"test.tsv: line 1 has 2 fields"),
+        # a TREC line that lost its passage id is not read as a BEIR line judging passage '0'
+        ("qrels/test.tsv", "q0 0 d0 1\nq1 0 1\n", r"test.tsv: line 2 has 3 fields, expected 4, as the first"),
     ],
 )
 def test_a_bad_file_is_one_line_naming_file_line_and_field(collection, tmp_path, file, content, message):
@@ -220,6 +222,32 @@ def test_a_bad_file_is_one_line_naming_file_line_and_field(collection, tmp_path,
         stored_probe_set(tmp_path / "store" / "probe_set", "beir", path=str(folder), negatives="bm25")
     assert "\n" not in str(error.value)
     assert not (tmp_path / "store" / "probe_set").exists()
+
+
+class UnusedEncoder:
+    """A dense mining model that must not be asked for a vector."""
+
+    identity, similarity, device = {"stub": 1}, "dot", torch.device("cpu")
+
+    def encode(self, texts, side):
+        raise AssertionError(f"encoded {len(texts)} {side} texts")
+
+
+@pytest.mark.parametrize("source", ["bm25", "dense"])
+def test_a_bad_corpus_line_past_the_first_chunk_is_refused_before_any_tokenizing_or_encoding(
+    collection, tmp_path, monkeypatch, source
+):
+    folder = write_beir(tmp_path / "bad", collection)
+    lines = (folder / "corpus.jsonl").read_text().splitlines(keepends=True)
+    lines[69] = '{"_id": "d69", "title": ""}\n'
+    (folder / "corpus.jsonl").write_text("".join(lines))
+    monkeypatch.setattr(mining, "CHUNK", 8)  # line 70 is in the ninth chunk
+    monkeypatch.setattr(mining, "_build_index", lambda *args: pytest.fail("the BM25 index was built"))
+    with pytest.raises(ProbeDataError, match=r"corpus.jsonl: line 70 has no field 'text'"):
+        stored_probe_set(
+            tmp_path / "store" / "probe_set", "beir", path=str(folder), negatives=source, miner=UnusedEncoder()
+        )
+    assert [path.name for path in (tmp_path / "store").rglob("*")] == ["probe_set.lock"]  # nothing half-written
 
 
 def test_options_are_checked_before_any_reading(tmp_path):

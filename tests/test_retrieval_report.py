@@ -4,7 +4,7 @@ import pytest
 from test_figures import write_table
 
 from dkacq.formats.errors import DkacqError
-from dkacq.formats.retrieval import RETRIEVAL_FILE, retrieval_row, upsert_retrieval
+from dkacq.formats.retrieval import RETRIEVAL_FILE, check_retrieval, retrieval_row, upsert_retrieval
 from dkacq.report.retrieval_figures import draw_retrieval_curves, read_retrieval_results
 from dkacq.report.summary import write_report
 
@@ -56,6 +56,11 @@ def test_each_curve_is_drawn_at_its_layers_with_its_similarity_and_scope(tmp_pat
     (tmp_path / "bad.csv").write_text("dataset,model\nscifact,minilm\n")
     with pytest.raises(DkacqError, match="not a dkacq retrieval table"):
         read_retrieval_results([tmp_path / "bad.csv"])
+    # dkacq fit's check before any work refuses it too (it used to fail on a missing cell_id after the probes)
+    row = retrieval_row({"dataset": "scifact", "model": "minilm", "pooling": "mean", "layer": 0}, {"a": 1}, {})
+    with pytest.raises(DkacqError, match="bad.csv: not a dkacq retrieval table"):
+        check_retrieval(tmp_path / "bad.csv", [row | {"similarity": "cosine"}])
+    assert (tmp_path / "bad.csv").read_text() == "dataset,model\nscifact,minilm\n"
 
 
 def test_report_tables_the_best_and_last_layer_of_each_curve(tmp_path):

@@ -377,27 +377,27 @@ def _text_field(value, name: str, number: int, field: str, ids: bool = False) ->
 
 def _qrels(path: Path) -> Iterator[tuple[str, str, int]]:
     """Judgements: TREC (``qid iteration docid grade``) or BEIR (``query-id corpus-id score`` after a
-    header line), whitespace-separated."""
+    header line), whitespace-separated. The first judgement's field count fixes which, for every line:
+    a TREC line that lost a field would otherwise read as a BEIR line of another passage."""
     name = os.fspath(path)
+    width = None
     for number, line in _lines(path):
         fields = line.split()
         if not fields:
             continue
-        if len(fields) == 4:
-            query, _, doc, grade = fields
-        elif len(fields) == 3:
-            query, doc, grade = fields
-        else:
-            raise ProbeDataError(
-                f"{name}: line {number} has {len(fields)} fields, expected 'qid 0 docid grade' (TREC) "
-                "or 'query-id corpus-id score' (BEIR)"
+        if len(fields) not in (3, 4) or width not in (None, len(fields)):
+            expected = (
+                f"{width}, as the first judgement" if width else "'qid 0 docid grade' or 'query-id corpus-id score'"
             )
+            raise ProbeDataError(f"{name}: line {number} has {len(fields)} fields, expected {expected}")
+        query, doc, grade = (fields[0], fields[2], fields[3]) if len(fields) == 4 else fields
         try:
             value = int(grade)
         except ValueError:
             if number == 1:  # a header
                 continue
             raise ProbeDataError(f"{name}: line {number} field 'grade' is not an integer ({grade!r})") from None
+        width = len(fields)
         yield query, doc, value
 
 

@@ -14,9 +14,10 @@ A passage the query's judgements grade above 0 is never a negative, whatever the
 a candidate whose words nearly equal the positive's is skipped (:func:`choose`). Each query's draws come
 from ``random.Random("<seed>/<query id>")``, so they do not depend on the order a reader gives.
 
-Resumable and bounded: the corpus is scanned once (its content digest and the row -> passage id map,
-saved as ``doc_ids.npy``); the BM25 index is saved with ``bm25s`` and memory-mapped for search; a dense
-model's passage vectors are saved chunk by chunk as they are encoded (``chunk_NNNNN.npy``, ``CHUNK``
+Resumable and bounded: the corpus is first read whole and checked (its content digest and the row ->
+passage id map, saved as ``doc_ids.npy``), so that a bad line is refused before the costly pass that
+tokenizes or encodes it reads the corpus again; the BM25 index is saved with ``bm25s`` and memory-mapped
+for search; a dense model's passage vectors are saved chunk by chunk as they are encoded (``chunk_NNNNN.npy``, ``CHUNK``
 passages each), so a stopped encoding resumes after its last saved chunk. The queries are searched in
 batches of ``collection.query_batch``, each saved as ``batch_NNNNN.npy`` (passage rows, ``[queries,
 depth]``) when done: a run stopped at any point resumes after its last saved batch. All of it lives
@@ -274,6 +275,7 @@ def _bm25_index(passages: Passages, folder: Path):
     bm25s = _bm25s()
     index_folder = folder / f"bm25-{digest({'library': bm25s.__version__, **BM25, **TOKENIZER}, 12)}"
     if not ((index_folder / "done.json").is_file() and (folder / "corpus.json").is_file()):
+        _scan(passages, folder)  # a bad line is refused before the tokenizing pass
         _build_index(passages, folder, index_folder)
     corpus, doc_ids = _scan(passages, folder)
     tokenizer = _tokenizer()
@@ -351,6 +353,7 @@ def _dense_index(passages: Passages, folder: Path, encoder: VectorEncoder) -> tu
     encoding = {key: value for key, value in encoder.identity.items() if key != "similarity"}
     vectors = folder / f"dense-{digest({'chunk': CHUNK, **encoding}, 12)}"
     if not ((vectors / "done.json").is_file() and (folder / "corpus.json").is_file()):
+        _scan(passages, folder)  # a bad line is refused before any passage is encoded
         vectors.mkdir(parents=True, exist_ok=True)
         kept = len(list(vectors.glob("chunk_*.npy")))
         print(

@@ -36,21 +36,18 @@ class RetrievalConflictError(DkacqError):
     """The retrieval table holds a row of the same key from other settings."""
 
 
-def _read(path: Path) -> list[dict[str, str]]:
+def read_retrieval(path: Path) -> list[dict[str, str]]:
+    """The rows of a retrieval table (none when there is no file), refused in one line when its header is
+    not this format's: by the report, and by ``dkacq fit`` before any work."""
+    path = Path(path)
     if not path.exists():
         return []
     with open(path, newline="") as file:
-        return list(csv.DictReader(file))
-
-
-def read_retrieval(path: Path) -> list[dict[str, str]]:
-    """The rows of a retrieval table, refused in one line when its header is not this format's."""
-    with open(path, newline="") as file:
-        header = next(csv.reader(file), [])
-    missing = [column for column in RETRIEVAL_COLUMNS if column not in header]
-    if missing:
-        raise DkacqError(f"{path}: not a dkacq retrieval table (no column {', '.join(missing)})")
-    return _read(Path(path))
+        reader = csv.DictReader(file)
+        missing = [column for column in RETRIEVAL_COLUMNS if column not in (reader.fieldnames or [])]
+        if missing:
+            raise DkacqError(f"{path}: not a dkacq retrieval table (no column {', '.join(missing)})")
+        return list(reader)
 
 
 def retrieval_row(key: dict, identity: dict, values: dict) -> dict:
@@ -72,7 +69,7 @@ def _conflict(path: Path, rows: list[dict[str, str]], row: dict) -> str | None:
 
 def check_retrieval(path: Path, rows: list[dict]) -> None:
     """Refuse, before any work, rows the table holds from other settings."""
-    held = _read(path)
+    held = read_retrieval(path)
     for row in rows:
         reason = _conflict(path, held, row)
         if reason:
@@ -80,13 +77,13 @@ def check_retrieval(path: Path, rows: list[dict]) -> None:
 
 
 def finished_retrieval(path: Path) -> set[str]:
-    return {row["cell_id"] for row in _read(path)}
+    return {row["cell_id"] for row in read_retrieval(path)}
 
 
 def upsert_retrieval(path: Path, rows: list[dict]) -> None:
     """Write ``rows``, each replacing a row of the same identity."""
     with file_lock(path):
-        held = _read(path)
+        held = read_retrieval(path)
         for row in rows:
             reason = _conflict(path, held, row)
             if reason:
