@@ -116,6 +116,14 @@ def test_mining_resumes_after_its_last_saved_batch(collection, beir_dir, tmp_pat
     again = mining.negatives("bm25", source.passages, queries, judged, {}, options, tmp_path, {"t": 1})
     assert searched == [5] and not built
     assert again == first
+    (run / "batch_00003.npy").unlink()
+    assert mining.mining_saved(tmp_path) == (
+        f"mining the probe set's negatives in {tmp_path}: the BM25 index, 3 batches of searched queries saved"
+    )
+    assert (
+        mining.mining_saved(tmp_path / "none")
+        == f"mining the probe set's negatives in {tmp_path / 'none'}: nothing saved"
+    )
 
 
 def test_judged_relevant_and_near_duplicates_are_never_negatives():

@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from dkacq.commands import output, stopping
+from dkacq.data.collection import COLLECTION_FORMATS
+from dkacq.data.mining import mining_saved
 from dkacq.datamodules.probe import AUTO_OPTIONS, LAYERS, ProbeDataModule
 from dkacq.encoders.extraction import at_terminal, saved_batches
 from dkacq.formats.atomic import atomic_write_text, check_writable
@@ -141,6 +143,8 @@ class ProbeCLI(LightningCLI):
         if writing:
             check_writable(self.results.results_path)
         config, data = self.run_config, self.datamodule
+        if data.hparams.source in COLLECTION_FORMATS:  # its probe set may be mined below
+            stopping.STATE.doing(lambda: mining_saved(data.probe_set_folder.parent / "mining"))
         options = config.as_dict()
         unset = [f"data.{key}" for key in AUTO_OPTIONS if options["data"].get(key) is None]
         setting = without(

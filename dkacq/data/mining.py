@@ -156,6 +156,23 @@ def negatives(
     return Mined(candidates, corpus, method)
 
 
+def mining_saved(folder: Path) -> str:
+    """What the mining under ``folder`` (a data set's mining folder) keeps for a rerun, in words: the
+    line a stopped command prints (``commands/stopping.py``)."""
+    folder = Path(folder)
+    kept = [
+        f"{count:,} {what}"
+        for count, what in (
+            (len(list(folder.glob("corpus-*/dense-*/chunk_*.npy"))), "chunks of passage vectors"),
+            (len(list(folder.glob("corpus-*/**/batch_*.npy"))), "batches of searched queries"),
+        )
+        if count
+    ]
+    if any(folder.glob("corpus-*/bm25-*/done.json")):
+        kept.insert(0, "the BM25 index")
+    return f"mining the probe set's negatives in {folder}: {', '.join(kept) or 'nothing'} saved"
+
+
 def work_folder(folder: Path, collection_request: dict) -> Path:
     """Where a collection's corpus scan, index and searches are kept, under the mining folder."""
     return Path(folder) / f"corpus-{digest(collection_request, 16)}"
