@@ -287,7 +287,7 @@ def test_an_example_with_fewer_negatives_draws_only_those_it_has():
         draw_passage_orders(len(present), 4, torch.Generator().manual_seed(0), present)
 
 
-def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_path, monkeypatch):
+def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_path, monkeypatch, capsys):
     """The issue's command on a collection without negatives: probe rows and baselines, the mining in
     the cell identity (another mining setting into the same table is refused)."""
     monkeypatch.chdir(tmp_path)
@@ -309,6 +309,10 @@ def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_p
         "--results.run_dir=run",
     ]
     main(args)
+    assert re.search(
+        r"\nretrieval: 2 rows \(\d test queries, scope corpus, 80 passages\) in [\d.]+ s -> run/retrieval.csv\n",
+        capsys.readouterr().out,
+    )
     with open(tmp_path / "run" / "results.csv") as file:
         rows = list(csv.DictReader(file))
     assert {row["probe"] for row in rows} >= {"concat", "similarity_cosine", "shortcut_least_negative"}

@@ -20,6 +20,7 @@ from dkacq.encoders.extraction import at_terminal, saved_batches
 from dkacq.formats.atomic import atomic_write_text, check_writable
 from dkacq.formats.identity import digest, without
 from dkacq.formats.results import ProbeCell, check_cells, check_one_setting_per_cell, finished_ids, read_table
+from dkacq.formats.retrieval import RETRIEVAL_FILE
 from dkacq.probe.baselines import baseline_cells, record_baselines, record_layer_baselines
 from dkacq.probe.heads import DECAYED_HEADS, Head
 from dkacq.probe.linear_probe import LinearProbe
@@ -385,7 +386,14 @@ def fit_settings(clis: list[ProbeCLI], ckpt_path: str | None = None, share_layer
     run_cells(jobs, fit, share_layers)
     for cli in clis:  # settings or layers whose probes were all finished earlier: their baselines, once
         record_baselines(cli.datamodule, cli.results.run_dir, skip_finished=True, config_file=cli.results.config_file)
-        record_retrieval(cli.datamodule, cli.results.run_dir)  # a collection's layers as retrievers, once
+        stopping.STATE.doing(lambda cli=cli: f"the probe rows are in {cli.results.results_path}; no retrieval row yet")
+        measured = record_retrieval(cli.datamodule, cli.results.run_dir)  # a collection's layers as retrievers, once
+        if measured:
+            first = measured[0]
+            output.say(
+                f"retrieval: {len(measured)} rows ({first['num_queries']:,} test queries, scope {first['scope']}, "
+                f"{first['num_passages']:,} passages) in {first['seconds']} s -> {cli.results.run_dir / RETRIEVAL_FILE}"
+            )
     for path in dict.fromkeys(cli.results.results_path for cli in clis):
         print(path)
 
