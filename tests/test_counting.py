@@ -138,7 +138,7 @@ def free_port() -> int:
 
 def test_two_processes_count_what_one_counts(tmp_path, fork_context):
     result_file = str(tmp_path / "counts.pt")
-    mp.start_processes(_count_half, args=(free_port(), result_file), nprocs=2, start_method="fork")
+    mp.spawn(_count_half, args=(free_port(), result_file), nprocs=2, join=True)
     targets = make_targets()
     metric = ActiveNeuronCounts(targets, THRESHOLDS, text_capacity=10)
     metric.update(random_scores(targets, 10, seed=3))
