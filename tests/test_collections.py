@@ -120,6 +120,13 @@ def test_mining_resumes_after_its_last_saved_batch(collection, beir_dir, tmp_pat
     assert mining.mining_saved(tmp_path) == (
         f"mining the probe set's negatives in {tmp_path}: the BM25 index, 3 batches of searched queries saved"
     )
+    dense = tmp_path / "dense" / "corpus-a" / "dense-b"
+    (dense / "dense-cosine-run-c").mkdir(parents=True)
+    for path in (dense / "chunk_00000.npy", dense / "dense-cosine-run-c" / "batch_00000.npy"):
+        path.touch()
+    assert mining.mining_saved(tmp_path / "dense").endswith(
+        ": 1 chunk of passage vectors, 1 batch of searched queries saved"
+    )
     assert (
         mining.mining_saved(tmp_path / "none")
         == f"mining the probe set's negatives in {tmp_path / 'none'}: nothing saved"

@@ -160,16 +160,11 @@ def mining_saved(folder: Path) -> str:
     """What the mining under ``folder`` (a data set's mining folder) keeps for a rerun, in words: the
     line a stopped command prints (``commands/stopping.py``)."""
     folder = Path(folder)
-    kept = [
-        f"{count:,} {what}"
-        for count, what in (
-            (len(list(folder.glob("corpus-*/dense-*/chunk_*.npy"))), "chunks of passage vectors"),
-            (len(list(folder.glob("corpus-*/**/batch_*.npy"))), "batches of searched queries"),
-        )
-        if count
-    ]
-    if any(folder.glob("corpus-*/bm25-*/done.json")):
-        kept.insert(0, "the BM25 index")
+    chunks = len(list(folder.glob("corpus-*/dense-*/chunk_*.npy")))
+    batches = len(list(folder.glob("corpus-*/**/batch_*.npy")))
+    kept = ["the BM25 index"] if any(folder.glob("corpus-*/bm25-*/done.json")) else []
+    kept += [f"{chunks:,} chunk{'s' * (chunks != 1)} of passage vectors"] if chunks else []
+    kept += [f"{batches:,} batch{'es' * (batches != 1)} of searched queries"] if batches else []
     return f"mining the probe set's negatives in {folder}: {', '.join(kept) or 'nothing'} saved"
 
 
