@@ -29,8 +29,13 @@ import torch
 from dkacq.cli import COMMANDS, console
 
 STARTING = ("Seed set to", "[rank: 0] Seed set to", "GPU available:", "SLURM auto-requeueing enabled")
-STARTING += ("Initializing distributed:", "---", "distributed_backend=", "All distributed processes registered", "")
+STARTING += ("Initializing distributed:", "-" * 100, "distributed_backend=", "All distributed processes registered")
 """Lightning's lines when a command's work starts (under SLURM, and on several ranks, each trainer)."""
+
+
+def _starting(lines: list[str]) -> bool:
+    """Whether every line is one of :data:`STARTING` (or the empty line that ends the distributed block)."""
+    return all(line == "" or line.startswith(STARTING) for line in lines)
 
 
 @dataclass
@@ -44,7 +49,7 @@ class Finished:
     def succeeded(self) -> str:
         """Its stdout, for a command that ended with status 0 and printed nothing on stderr but the lines
         a command shows when its work starts."""
-        assert self.code == 0 and all(line.startswith(STARTING) for line in self.stderr.splitlines()), self.stderr
+        assert self.code == 0 and _starting(self.stderr.splitlines()), self.stderr
         return self.stdout
 
     def stopped(self, signum: int) -> str:
@@ -52,7 +57,7 @@ class Finished:
         last line (before it, only the device and seed lines a command shows when its work starts)."""
         *before, last = self.stderr.splitlines() or [""]
         assert self.code == 128 + signum and "Traceback" not in self.stderr, (self.code, self.stderr)
-        assert all(line.startswith(STARTING) for line in before), self.stderr
+        assert _starting(before), self.stderr
         return last
 
     def error(self, started: bool = False) -> str:
@@ -60,7 +65,7 @@ class Finished:
         (after the lines of a command whose work had ``started``)."""
         *before, line = self.stderr.splitlines() or [""]
         assert self.code == 2 and line.startswith("dkacq: error: "), (self.code, self.stderr)
-        assert all(line.startswith(STARTING) for line in before) if started else not before, self.stderr
+        assert _starting(before) if started else not before, self.stderr
         return line.removeprefix("dkacq: error: ")
 
 
