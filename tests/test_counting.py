@@ -136,7 +136,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_count_what_one_counts(tmp_path, fork_context):
+def test_two_processes_count_what_one_counts(tmp_path):
     result_file = str(tmp_path / "counts.pt")
     mp.spawn(_count_half, args=(free_port(), result_file), nprocs=2, join=True)
     targets = make_targets()
