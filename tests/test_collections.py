@@ -221,6 +221,16 @@ def test_local_files_by_another_path_spelling_are_not_rebuilt(tmp_path, monkeypa
         ("corpus.jsonl", '{"_id": "d0", "text": "a"}\n{"_id": \n', r"corpus.jsonl: line 2 is not valid JSON"),
         ("queries.jsonl", '{"_id": "q0", "text": 3}\n', r"queries.jsonl: line 1 field 'text' is not a string"),
         (
+            "queries.jsonl",
+            '{"_id": "q0", "text": "a"}\n\n{"_id": "q0", "text": "b"}\n',
+            r"line 3 repeats the id 'q0' of line 1",
+        ),
+        (
+            "corpus.jsonl",
+            '{"_id": "d0", "text": "a"}\n{"_id": "d1", "text": "b"}\n{"_id": 0, "text": "c"}\n{"_id": "0", "text": "c"}\n',
+            r"corpus.jsonl: line 4 repeats the id '0' of line 3",
+        ),
+        (
             "qrels/test.tsv",
             "query-id\tcorpus-id\tscore\nq0\td0\thigh\n",
             r"test.tsv: line 2 field 'grade' is not an integer",

@@ -263,13 +263,15 @@ class IrDatasetsCollection(Collection):
                 pass
 
     def passages(self) -> Iterator[tuple[str, str]]:
-        for doc in self._stream("docs"):
-            text = doc.text if hasattr(doc, "text") else doc.default_text()
-            yield doc.doc_id, passage_text(getattr(doc, "title", "") or "", text)
+        docs = (
+            (number, doc.doc_id, passage_text(getattr(doc, "title", "") or "", _text(doc)))
+            for number, doc in enumerate(self._stream("docs"), 1)
+        )
+        return _once(docs, f"{self.name} docs", "doc")
 
     def queries(self) -> Iterator[tuple[str, str]]:
-        for query in self._stream("queries"):
-            yield query.query_id, query.text if hasattr(query, "text") else query.default_text()
+        queries = ((number, query.query_id, _text(query)) for number, query in enumerate(self._stream("queries"), 1))
+        return _once(queries, f"{self.name} queries", "query")
 
     def judgements(self, split: str) -> Iterator[tuple[str, str, int]] | None:
         if split != self.test_split:
@@ -278,6 +280,11 @@ class IrDatasetsCollection(Collection):
 
     def request(self) -> dict:
         return {"ir_datasets": self.dataset_id, "version": self.version}
+
+
+def _text(record) -> str:
+    """An ir_datasets doc's or query's text: its ``text`` field, else what the data set calls its text."""
+    return record.text if hasattr(record, "text") else record.default_text()
 
 
 def open_collection(
@@ -334,7 +341,23 @@ def _is_jsonl(path: Path) -> bool:
 
 def _records(path: Path, with_title: bool) -> Iterator[tuple[str, str]]:
     """``(id, text)`` of a corpus or queries file, JSONL (``_id``, ``text``, ``title``) or TSV (id, text,
-    optional title; a first line of column names is skipped)."""
+    optional title; a first line of column names is skipped); an id given twice is refused."""
+    return _once(_numbered_records(path, with_title), os.fspath(path), "line")
+
+
+def _once(records: Iterator[tuple[int, str, str]], name: str, unit: str) -> Iterator[tuple[str, str]]:
+    """``(id, text)`` of ``records`` (``(position, id, text)``), refusing an id given twice in one line
+    that names both positions (an id is a key: the judgements could not say which text they judged)."""
+    first: dict[str, int] = {}
+    for position, identifier, text in records:
+        if first.setdefault(identifier, position) != position:
+            raise ProbeDataError(
+                f"{name}: {unit} {position} repeats the id {identifier!r} of {unit} {first[identifier]}"
+            )
+        yield identifier, text
+
+
+def _numbered_records(path: Path, with_title: bool) -> Iterator[tuple[int, str, str]]:
     name = os.fspath(path)
     if _is_jsonl(path):
         for number, line in _lines(path):
@@ -350,7 +373,7 @@ def _records(path: Path, with_title: bool) -> Iterator[tuple[str, str]]:
             identifier = _text_field(record.get(key), name, number, "_id", ids=True)
             text = _text_field(record.get("text"), name, number, "text")
             title = _text_field(record.get("title", ""), name, number, "title") if with_title else ""
-            yield identifier, passage_text(title, text)
+            yield number, identifier, passage_text(title, text)
         return
     for number, line in _lines(path):
         fields = line.split("\t")
@@ -362,7 +385,7 @@ def _records(path: Path, with_title: bool) -> Iterator[tuple[str, str]]:
             expected = "id, text and an optional title" if with_title else "id and text"
             raise ProbeDataError(f"{name}: line {number} has {len(fields)} tab-separated fields, expected {expected}")
         title = fields[2] if len(fields) == 3 else ""
-        yield fields[0], passage_text(title, fields[1])
+        yield number, fields[0], passage_text(title, fields[1])
 
 
 def _text_field(value, name: str, number: int, field: str, ids: bool = False) -> str:
