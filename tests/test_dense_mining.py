@@ -11,9 +11,9 @@ from test_model_files import save_sentence_transformer
 from dkacq.commands.probe import build
 from dkacq.data import mining
 from dkacq.data.collection import CollectionOptions, beir_folder
-from dkacq.datamodules.probe_sets import MiningEncoder
+from dkacq.datamodules.probe_sets import MiningEncoder, mining_preset
 from dkacq.datamodules.texts import TextDataModule
-from dkacq.encoders.loading import weights_identity
+from dkacq.encoders.loading import ModelUnavailableError, weights_identity
 from dkacq.encoders.model_files import AutoEncoder, ModelFilesError, similarity_of
 from dkacq.encoders.presets import ModelSource
 
@@ -141,6 +141,14 @@ def test_the_mining_model_is_part_of_the_probe_sets_identity(dense_case, tiny_be
     assert similarities == {"cosine": 1, "dot": 2}
     with pytest.raises(ValueError, match="needs data.collection.dense_model"):
         TextDataModule(dataset="toy", source="beir", path=str(beir), negatives="dense")
+
+
+def test_a_mining_model_folder_that_does_not_exist_is_one_line_saying_so(tmp_path):
+    for probe in (lambda model: similarity_of(model), lambda model: mining_preset(model, None)):
+        with pytest.raises(
+            ModelUnavailableError, match=r"^cannot load '/no/such/model': no such folder, and not a hub id"
+        ):
+            probe("/no/such/model")
 
 
 def test_a_similarity_dkacq_does_not_rank_by_is_one_line(tmp_path):

@@ -76,6 +76,9 @@ def hub_offline() -> bool:
 
 
 def unreachable_error(model: str, error: Exception) -> ModelUnavailableError:
+    if isinstance(error, HFValidationError) or isinstance(error.__cause__, HFValidationError):
+        # not a folder that exists, and no hub id either: the cache and the network are beside the point
+        return ModelUnavailableError(f"cannot load '{model}': no such folder, and not a hub id (owner/name)")
     cache = os.environ.get("HF_HOME", "~/.cache/huggingface")
     if hub_offline():
         return ModelUnavailableError(
