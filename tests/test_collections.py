@@ -249,6 +249,23 @@ def test_a_bad_file_is_one_line_naming_file_line_and_field(collection, tmp_path,
     assert not (tmp_path / "store" / "probe_set").exists()
 
 
+def test_a_line_that_is_not_utf8_and_a_cut_gzip_are_one_line_naming_the_line(collection, tmp_path):
+    folder = write_beir(tmp_path / "bad", collection)
+    lines = (folder / "corpus.jsonl").read_bytes().splitlines(keepends=True)
+    (folder / "corpus.jsonl").write_bytes(
+        b"".join(lines[:40]) + b'{"_id": "x", "text": "caf\xe9"}\n' + b"".join(lines[40:])
+    )
+    with pytest.raises(ProbeDataError, match=r"corpus.jsonl: line 41 is not UTF-8 text \(invalid continuation byte"):
+        stored_probe_set(tmp_path / "a" / "probe_set", "beir", path=str(folder), negatives="bm25")
+    gz = write_beir(tmp_path / "gz", collection, gzipped=True)
+    (gz / "corpus.jsonl.gz").write_bytes((gz / "corpus.jsonl.gz").read_bytes()[:-30])
+    with pytest.raises(
+        ProbeDataError, match=r"corpus.jsonl.gz: cannot be read after line \d+ \(.*end-of-stream"
+    ) as error:
+        stored_probe_set(tmp_path / "b" / "probe_set", "beir", path=str(gz), negatives="bm25")
+    assert "\n" not in str(error.value)
+
+
 class UnusedEncoder:
     """A dense mining model that must not be asked for a vector."""
 

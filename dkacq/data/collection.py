@@ -29,7 +29,14 @@ from typing import Literal
 import datasets
 
 from dkacq.data import mining
-from dkacq.data.examples import EXAMPLE_COLUMNS, EXAMPLE_FEATURES, ProbeDataError, ProbeSetRead, file_digest
+from dkacq.data.examples import (
+    EXAMPLE_COLUMNS,
+    EXAMPLE_FEATURES,
+    ProbeDataError,
+    ProbeSetRead,
+    file_digest,
+    one_line,
+)
 from dkacq.data.sampling import NUM_NEGATIVES
 
 CollectionFormat = Literal["beir", "trec", "ir_datasets"]
@@ -250,7 +257,7 @@ class IrDatasetsCollection(Collection):
             home = os.environ.get("IR_DATASETS_HOME", "~/.ir_datasets")
             raise ProbeDataError(
                 f"{self.name}: its {part} are not in ir_datasets' cache ({home}) and cannot be fetched "
-                f"({_one_line(error)}); fetch them once with the network: "
+                f"({one_line(error)}); fetch them once with the network: "
                 f"dkacq download --data ir_datasets:{self.dataset_id}"
             ) from error
 
@@ -317,17 +324,24 @@ def _either(path: Path) -> Path | None:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """The file's lines (1-based numbers), gzipped or not, decoded as UTF-8."""
+    """The file's lines (1-based numbers), gzipped or not, each decoded as UTF-8 on its own, so that an
+    error names its line (a text stream decodes blocks ahead of the line it yields)."""
     name = os.fspath(path)
     opener = gzip.open if path.name.endswith(".gz") else open
+    number = 0
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as file:
-            for number, line in enumerate(file, 1):
+        with opener(path, "rb") as file:
+            for number, raw in enumerate(file, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise ProbeDataError(
+                        f"{name}: line {number} is not UTF-8 text ({error.reason} at byte {error.start})"
+                    ) from error
                 yield number, line.rstrip("\r\n")
-    except UnicodeDecodeError as error:
-        raise ProbeDataError(f"{name}: not UTF-8 text ({error.reason} at byte {error.start} of a line)") from error
     except (OSError, EOFError) as error:
-        raise ProbeDataError(f"{name}: cannot be read ({_one_line(error)})") from error
+        where = f" after line {number}" if number else ""
+        raise ProbeDataError(f"{name}: cannot be read{where} ({one_line(error)})") from error
 
 
 def _is_jsonl(path: Path) -> bool:
@@ -422,11 +436,6 @@ def _qrels(path: Path) -> Iterator[tuple[str, str, int]]:
             raise ProbeDataError(f"{name}: line {number} field 'grade' is not an integer ({grade!r})") from None
         width = len(fields)
         yield query, doc, value
-
-
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 # --- from a collection to probe examples ---------------------------------------------------------

@@ -325,7 +325,7 @@ def _json_list(stream: io.BufferedReader | gzip.GzipFile, name: str) -> Iterator
     except ijson.JSONError as error:
         raise ProbeDataError(f"{name}: not valid JSON at record {records} ({_json_error(error)})") from error
     except (OSError, EOFError) as error:
-        raise ProbeDataError(f"{name}: cannot be read ({_one_line(error)})") from error
+        raise ProbeDataError(f"{name}: cannot be read ({one_line(error)})") from error
 
 
 def _json_error(error: ijson.JSONError) -> str:
@@ -403,7 +403,7 @@ def _read_table(path: str | os.PathLike) -> datasets.Dataset:
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:
-        raise ProbeDataError(f"{name}: cannot be read as {kind} ({_one_line(error)})") from error
+        raise ProbeDataError(f"{name}: cannot be read as {kind} ({one_line(error)})") from error
 
 
 def _checked(table: datasets.Dataset, name: str, allow_empty: bool) -> datasets.Dataset:
@@ -453,13 +453,13 @@ def _load_hub(hub_id: str, config: str | None, split: str) -> datasets.Dataset:
         return datasets.load_dataset(hub_id, config, split=split)
     except Exception as error:
         raise ProbeDataError(
-            f"cannot load {hub_id} (split {split!r}) from the Hugging Face hub ({_one_line(error)}); "
+            f"cannot load {hub_id} (split {split!r}) from the Hugging Face hub ({one_line(error)}); "
             "connect to the network, or set HF_HOME to a cache that already holds it, "
             "or pass local files as train= and test="
         ) from error
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """The innermost cause of ``error`` as one short line."""
     while error.__cause__ is not None:
         error = error.__cause__
