@@ -344,7 +344,7 @@ def test_fit_on_a_beir_folder_with_bm25_negatives(tiny_bert_dir, beir_dir, tmp_p
     ]
     main(args)
     assert re.search(
-        r"\nretrieval: 2 rows \(\d test queries, scope corpus, 80 passages\) in [\d.]+ s -> run/retrieval.csv\n",
+        r"(?m)^retrieval: 2 rows \(\d+ test queries, scope corpus, 80 passages\) in [\d.]+ s -> run/retrieval.csv$",
         capsys.readouterr().out,
     )
     with open(tmp_path / "run" / "results.csv") as file:
