@@ -7,6 +7,7 @@ import csv
 import os
 import re
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +29,8 @@ def slow_batches(monkeypatch):
 
     def start(self, trainer, *args, **kwargs):
         stopping.STATE.in_batch = True
-        print(f"batch of {trainer.state.stage.value}", flush=True)
+        sys.stdout.write(f"batch of {trainer.state.stage.value}\n")  # one write: ranks share the file, and
+        sys.stdout.flush()  # print's two writes (unbuffered, PYTHONUNBUFFERED) can interleave between them
         time.sleep(0.2 / trainer.world_size)
 
     for hook in ("on_train_batch_start", "on_predict_batch_start"):
