@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -226,6 +227,25 @@ def attributed(tiny_bert_dir, tmp_path_factory) -> tuple[tuple[str, str], Path]:
     return data, folder / "run"
 
 
+@contextmanager
+def torch_threads(count: int):
+    """torch computes on ``count`` threads inside the block, on as many as before after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For a module's tests of tiny models (``pytestmark = pytest.mark.usefixtures("one_thread")``): they
+    gain nothing from threads, and on a busy two-core machine threads slow them tenfold."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture
 def fork_context(monkeypatch):
     """multiprocessing's fork context, for tests of two processes: a forked child starts at once, where a
@@ -235,8 +255,6 @@ def fork_context(monkeypatch):
     computes on one thread and ``OMP_NUM_THREADS=1`` keeps Lightning from raising the children's count."""
     import multiprocessing
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield multiprocessing.get_context("fork")
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield multiprocessing.get_context("fork")

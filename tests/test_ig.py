@@ -97,13 +97,7 @@ def preset_of(request, family: str) -> EncoderPreset:
     return request.getfixturevalue("family_presets")(family)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy two-core machine threads slow them tenfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def encoder_for(preset, pooling: str | None = None) -> TextEncoder:

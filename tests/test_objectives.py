@@ -17,13 +17,7 @@ from dkacq.attribution.targets import find_targets
 from dkacq.datamodules.texts import TextDataModule
 from dkacq.encoders.loading import load_encoders
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 def partners_for(encoder) -> Partners:

@@ -40,12 +40,7 @@ THRESHOLDS = (0.1, 0.2)
 STEPS = 5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
 
 
 # --------------------------------------------------------------------------- tiny models, perturbed
